@@ -1,0 +1,358 @@
+"""One child process: its private socket, its spawn, its connection, its states.
+
+The child gets a *listening* unix socket as fd 0 (FCGI_LISTENSOCK_FILENO): libfcgi falls back
+to CGI on anything else. The pool connects to that socket's path for each connection; only
+the pool can reach it, because it lies in a private directory of mode 0700.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from . import logs
+from .client import cgi_params
+from .config import ChildSection
+from .protocol import (
+    ClientConnection,
+    EndRequest,
+    ProtocolError,
+    RecordType,
+    Stderr,
+    Stdout,
+    encode_record,
+    encode_request,
+)
+
+log = logs.get("fcgipool.child")
+
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+_PR_SET_PDEATHSIG = 1
+_MAX_LINE = 4096
+
+
+class State(enum.Enum):
+    STARTING = "starting"  # spawned, readiness probe not answered yet
+    IDLE = "idle"  # ready, no request
+    BUSY = "busy"  # serving a request
+    RECOVERING = "recovering"  # a request was abandoned; waiting for a probe answer
+    STOPPING = "stopping"  # asked to exit
+    DEAD = "dead"  # reaped
+
+
+class Handler(Protocol):
+    """Who receives what a child sends on its current connection."""
+
+    def on_stdout(self, data: bytes) -> None: ...
+    def on_stderr(self, data: bytes) -> None: ...
+    def on_end(self, app_status: int, protocol_status: int) -> None: ...
+    def on_lost(self) -> None: ...
+    def pause_sending(self) -> None: ...
+    def resume_sending(self) -> None: ...
+
+
+def child_environment(section: ChildSection, pool_env: Mapping[str, str]) -> dict[str, str]:
+    """Built from config alone (like php-fpm's clear_env): an inherited PATH can break a
+    child's embedded interpreter, so nothing passes unless named."""
+    env = {"PATH": SAFE_PATH, "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+    env.update({name: pool_env[name] for name in section.pass_env if name in pool_env})
+    env.update(section.env)
+    return env
+
+
+def probe_params(uri: str) -> dict[bytes, bytes]:
+    return cgi_params(uri, extra={"HTTP_USER_AGENT": "fcgipool-probe"})
+
+
+def _set_parent_death_signal() -> None:
+    """Runs in the child between fork and exec: die with the pool, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ChildConnection(asyncio.Protocol):
+    """The pool's connection to one child; forwards what the child sends to a handler."""
+
+    __slots__ = ("_codec", "child", "closed", "handler", "last_used", "transport")
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self._codec = ClientConnection()
+        self.transport: asyncio.Transport | None = None
+        self.handler: Handler | None = None
+        self.closed = False
+        self.last_used = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.handler = None
+            if self.transport is not None:
+                self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._codec.feed(data)
+        except ProtocolError as error:
+            log.warning("child_protocol_error", pid=self.child.pid, error=str(error))
+            handler, self.handler = self.handler, None
+            self.close()
+            if handler is not None:
+                handler.on_lost()
+            self.child.misbehaved()
+            return
+        for event in events:
+            handler = self.handler
+            if handler is None:
+                return
+            if type(event) is Stdout:
+                handler.on_stdout(event.data)
+            elif type(event) is EndRequest:
+                self.handler = None
+                self.last_used = time.monotonic()
+                handler.on_end(event.app_status, event.protocol_status)
+            elif type(event) is Stderr:
+                handler.on_stderr(event.data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.on_lost()
+        self.child.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_sending()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_sending()
+
+
+class _OutputLines(asyncio.Protocol):
+    """Reads a child's stdout or stderr and logs it line by line, each line bounded."""
+
+    def __init__(self, pid: int, stream: str, enabled: bool) -> None:
+        self.pid, self.stream, self.enabled = pid, stream, enabled
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        if not self.enabled:
+            return
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()[-_MAX_LINE:]
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        text = line[:_MAX_LINE].decode("utf-8", "replace").rstrip()
+        if text:
+            log.info("child_output", pid=self.pid, stream=self.stream, line=text)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.partial:
+            self._emit(self.partial)
+
+
+class Probe:
+    """A real request whose complete answer proves a child is free and alive."""
+
+    def __init__(self, child: Child, timeout: float, done: Callable[[Child, bool], None]) -> None:
+        self.child, self.done = child, done
+        self.finished = False
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._finish, False)
+
+    def _finish(self, ok: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.timer.cancel()
+            self.done(self.child, ok)
+
+    def on_stdout(self, data: bytes) -> None:
+        pass
+
+    def on_stderr(self, data: bytes) -> None:
+        pass
+
+    def on_end(self, app_status: int, protocol_status: int) -> None:
+        self._finish(True)
+
+    def on_lost(self) -> None:
+        self._finish(False)
+
+    def pause_sending(self) -> None:
+        pass
+
+    def resume_sending(self) -> None:
+        pass
+
+
+class Child:
+    """One FastCGI child: spawn it, connect to it, hand it requests, stop it."""
+
+    def __init__(self, slot: int, generation: int, section: ChildSection, runtime_dir: str):
+        self.slot = slot
+        self.section = section
+        self.socket_path = os.path.join(runtime_dir, f"child-{slot}-{generation}.sock")
+        self.state = State.STARTING
+        self.pid = 0
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.connection: ChildConnection | None = None
+        self.requests_served = 0
+        self.started_at = time.monotonic()
+        self.stop_requested = False
+        self.failure = False
+        self._readers: list[asyncio.Task[object]] = []
+
+    def __repr__(self) -> str:
+        return f"<Child slot={self.slot} pid={self.pid} {self.state.value}>"
+
+    # ------------------------------------------------------------------ life cycle
+
+    def spawn(self, env: dict[str, str], log_output: bool) -> None:
+        """Fork and exec the command with its private listening socket as fd 0."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.socket_path)
+            listener.listen(self.section.backlog)
+            self.popen = subprocess.Popen(
+                self.section.command,
+                stdin=listener.fileno(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.section.cwd,
+                env=env,
+                close_fds=True,
+                preexec_fn=_set_parent_death_signal,
+            )
+        finally:
+            listener.close()
+        self.pid = self.popen.pid
+        self.started_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        for stream, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
+            protocol = _OutputLines(self.pid, stream, log_output)
+            self._readers.append(
+                loop.create_task(loop.connect_read_pipe(lambda p=protocol: p, pipe))
+            )
+
+    def start_probe(self, timeout: float, done: Callable[[Child, bool], None]) -> None:
+        """Send the readiness probe on a fresh connection; ``done(child, ok)`` follows."""
+        probe = Probe(self, timeout, done)
+        request = encode_request(1, probe_params(self.section.probe_uri), keep_conn=True)
+        asyncio.get_running_loop().create_task(self._connect_then(probe, request))
+
+    async def _connect_then(self, handler: Handler, data: bytes) -> None:
+        connection = await self.connect()
+        if connection is None:
+            handler.on_lost()
+            return
+        connection.handler = handler
+        connection.write(data)
+
+    async def connect(self) -> ChildConnection | None:
+        """A new connection, replacing any previous one; None if the child is gone."""
+        if self.connection is not None:
+            self.connection.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_unix_connection(
+                lambda: ChildConnection(self), self.socket_path
+            )
+        except OSError as error:
+            log.warning("child_connect_failed", pid=self.pid, error=str(error))
+            return None
+        if self.state in (State.DEAD, State.STOPPING):
+            connection.close()
+            return None
+        self.connection = connection
+        return connection
+
+    def usable_connection(self) -> ChildConnection | None:
+        """The kept connection when it can carry the next request without a reconnect."""
+        connection = self.connection
+        if (
+            connection is None
+            or connection.closed
+            or not self.section.keep_conn
+            or time.monotonic() - connection.last_used > self.section.reconnect_after
+        ):
+            return None
+        return connection
+
+    def connection_lost(self, connection: ChildConnection) -> None:
+        if connection is self.connection:
+            self.connection = None
+
+    def misbehaved(self) -> None:
+        """The child wrote something that is not FastCGI: it cannot be trusted again."""
+        log.warning("child_misbehaved", pid=self.pid)
+        self.kill(failure=True)
+
+    def send_signal(self, signum: int) -> None:
+        if self.pid and self.state is not State.DEAD:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def stop(self) -> None:
+        """Ask the child to exit; a death by any signal after this is a normal stop."""
+        self.stop_requested = True
+        self.state = State.STOPPING
+        if self.connection is not None:
+            self.connection.close()
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self, failure: bool) -> None:
+        """SIGKILL; with ``failure`` the death counts as a failure, not a normal stop."""
+        self.stop_requested = True
+        self.failure = self.failure or failure
+        if self.state is not State.DEAD:
+            self.state = State.STOPPING
+        if self.connection is not None:
+            self.connection.close()
+        self.send_signal(signal.SIGKILL)
+
+    def reaped(self, status: int) -> None:
+        """The one reaper found this child's exit status."""
+        self.state = State.DEAD
+        if self.popen is not None:
+            self.popen.returncode = os.waitstatus_to_exitcode(status)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            handler, connection.handler = connection.handler, None
+            connection.close()
+            if handler is not None:
+                handler.on_lost()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    def abandon(self) -> None:
+        """The current request is given up (client gone, body too large): tell the child,
+        drop the connection; the child is free again only once a probe is answered."""
+        connection, self.connection = self.connection, None
+        if connection is not None and not connection.closed:
+            connection.write(encode_record(RecordType.ABORT_REQUEST, 1))
+            connection.close()
+        self.state = State.RECOVERING

@@ -1,0 +1,338 @@
+"""Configuration: schema (pydantic), TOML files (tomlkit), environment overrides.
+
+Precedence, lowest first: schema defaults, the TOML file, ``FCGIPOOL_<SECTION>__<KEY>``
+environment variables, command-line flags. Every error names the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomlkit
+import tomlkit.exceptions
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+ENV_PREFIX = "FCGIPOOL_"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listening address: ``unix:/path.sock`` or ``tcp:HOST:PORT`` (``tcp:[::1]:9000``)."""
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        scheme, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise ValueError(f"{text!r} is not unix:/path or tcp:HOST:PORT")
+        if scheme == "unix":
+            if not rest.startswith("/"):
+                raise ValueError(f"unix socket path {rest!r} must be absolute")
+            if len(rest.encode()) > 107:
+                raise ValueError(f"unix socket path {rest!r} is longer than 107 bytes")
+            return cls("unix", path=rest)
+        if scheme == "tcp":
+            host, sep, port = rest.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{text!r} needs a port 1-65535: tcp:HOST:PORT")
+            return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
+        raise ValueError(f"unknown address scheme {scheme!r}: use unix: or tcp:")
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def _check_address(text: str) -> str:
+    Address.parse(text)
+    return text
+
+
+def _check_mode(text: str) -> str:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal file mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r} is outside 0000-0777")
+    return text
+
+
+AddressText = Annotated[str, AfterValidator(_check_address)]
+ModeText = Annotated[str, AfterValidator(_check_mode)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PoolSection(_Section):
+    bind: list[AddressText] = Field(
+        default=["unix:/run/fcgipool/pool.sock"],
+        min_length=1,
+        description="Addresses the pool listens on for the web server: unix:/path.sock or "
+        "tcp:HOST:PORT. Ignored when systemd hands sockets over (LISTEN_FDS).",
+    )
+    socket_mode: ModeText = Field(
+        default="0660", description="File mode of unix pool sockets (octal)."
+    )
+    socket_owner: str = Field(
+        default="", description="User that owns unix pool sockets; empty keeps the pool's."
+    )
+    socket_group: str = Field(
+        default="",
+        description="Group of unix pool sockets, e.g. www-data so nginx workers can connect.",
+    )
+    workers: int = Field(default=2, ge=1, le=4096, description="Number of children.")
+    runtime_dir: str = Field(
+        default="",
+        description="Where the private directory (mode 0700) for the children's sockets is "
+        "made; empty means $RUNTIME_DIRECTORY, else /tmp.",
+    )
+    control: str = Field(
+        default="",
+        description="Path of the local control socket; empty puts it next to the first unix "
+        "pool socket.",
+    )
+
+
+class ChildSection(_Section):
+    command: list[str] = Field(
+        default=["/usr/lib/cgi-bin/qgis_mapserv.fcgi"],
+        min_length=1,
+        description="The FastCGI program and its arguments. It gets its own listening socket "
+        "as fd 0 (FCGI_LISTENSOCK_FILENO).",
+    )
+    cwd: str = Field(default="/", description="Working directory of the children.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of the children. Nothing is inherited from the pool except "
+        "the names in pass_env; PATH, HOME and LANG get safe defaults when not set here.",
+    )
+    pass_env: list[str] = Field(
+        default_factory=list,
+        description="Names of the pool's own environment variables passed to the children.",
+    )
+    keep_conn: bool = Field(
+        default=True,
+        description="Keep the connection to a child open between requests (FCGI_KEEP_CONN).",
+    )
+    reconnect_after: Seconds = Field(
+        default=1.0,
+        description="A kept child connection idle longer than this is replaced before use: "
+        "libfcgi drops silent connections after about 2 s.",
+    )
+    backlog: int = Field(default=8, ge=1, le=4096, description="Listen backlog of a child socket.")
+    start_timeout: Seconds = Field(
+        default=60.0, description="Seconds a new child has to answer its readiness probe."
+    )
+    probe_uri: str = Field(
+        default="/",
+        description="URI of the readiness probe: a real request sent to each new child before "
+        "it takes traffic. Any complete answer, even a 500, proves the child is alive.",
+    )
+    respawn_delay: Seconds = Field(
+        default=0.5,
+        description="First delay before a dead child is started again; doubles "
+        "on each failure in a row up to 30 s.",
+    )
+
+
+class LimitsSection(_Section):
+    max_connections: int = Field(
+        default=1024, ge=1, description="Front-end connections at once; more are closed at once."
+    )
+    max_params_size: ByteSize = Field(
+        default=ByteSize(65536),
+        ge=1024,
+        description="Largest PARAMS stream of one request; larger closes the connection.",
+    )
+    max_body_size: ByteSize = Field(
+        default=ByteSize(64 * 2**20), ge=0, description="Largest request body; larger gets 413."
+    )
+    body_buffer: ByteSize = Field(
+        default=ByteSize(2**20),
+        ge=65536,
+        description="Body bytes held per request while it waits for a child; past it the "
+        "pool stops reading that connection until a child takes the request.",
+    )
+    write_buffer: ByteSize = Field(
+        default=ByteSize(256 * 1024),
+        ge=16384,
+        description="Response bytes buffered per front-end connection before the pool stops "
+        "reading from the child (flow control).",
+    )
+    read_timeout: Seconds = Field(
+        default=30.0,
+        description="A connection that stalls this long in the middle of sending a request "
+        "is closed.",
+    )
+    max_waiting: int = Field(
+        default=64, ge=0, description="Requests that may wait for a free child; more get 503."
+    )
+    queue_timeout: Seconds = Field(
+        default=30.0, description="Seconds a request may wait for a free child before a 503."
+    )
+    retry_after: int = Field(default=5, ge=0, description="Retry-After header of 503 answers.")
+
+
+class TimeoutsSection(_Section):
+    request: Seconds = Field(
+        default=60.0,
+        description="Seconds a child may spend on one request. Keep the web server's own "
+        "timeout (nginx fastcgi_read_timeout) above it.",
+    )
+    shutdown_grace_period: Seconds = Field(
+        default=30.0, description="On SIGTERM, seconds given to requests in flight."
+    )
+
+
+class LogSection(_Section):
+    format: Literal["console", "json"] = Field(default="console", description="Log format.")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level logged."
+    )
+    child_output: bool = Field(
+        default=True, description="Log the children's stdout and stderr lines."
+    )
+
+
+class Config(_Section):
+    pool: PoolSection = Field(default_factory=PoolSection, description="The pool itself.")
+    child: ChildSection = Field(default_factory=ChildSection, description="The children.")
+    limits: LimitsSection = Field(
+        default_factory=LimitsSection, description="Limits on what clients may send or queue."
+    )
+    timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection, description="Timeouts.")
+    log: LogSection = Field(default_factory=LogSection, description="Logging.")
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [Address.parse(text) for text in self.pool.bind]
+
+    def socket_mode(self) -> int:
+        return int(self.pool.socket_mode, 8)
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` holds one ``key.path: reason`` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_value(text: str) -> Any:
+    """An environment value is read as a TOML value when it is one, else as a string."""
+    try:
+        return tomlkit.parse(f"v = {text}")["v"].unwrap()
+    except tomlkit.exceptions.TOMLKitError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``FCGIPOOL_LIMITS__MAX_WAITING=10`` → ``{"limits": {"max_waiting": 10}}``."""
+    tree: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = _parse_value(text)
+    return tree
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    try:
+        return tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError as error:
+        raise ConfigError([f"{path}: TOML syntax error: {error}"]) from None
+
+
+def build(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Defaults ← file ← environment ← overrides, validated as one document."""
+    data = read_toml(path) if path else {}
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError([_describe(item) for item in error.errors()]) from None
+
+
+def _describe(item: Mapping[str, Any]) -> str:
+    path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    message = item["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}"
+
+
+def default_toml() -> str:
+    """The whole default configuration as TOML, each key commented from the schema."""
+    document = tomlkit.document()
+    document.add(tomlkit.comment("fcgipool configuration. Every key is shown with its default."))
+    defaults = Config().model_dump(mode="json")
+    for section, field in Config.model_fields.items():
+        table = tomlkit.table()
+        table.comment(field.description or "")
+        model = field.annotation
+        for key, subfield in model.model_fields.items():  # type: ignore[union-attr]
+            for line in _wrap(subfield.description or ""):
+                table.add(tomlkit.comment(line))
+            value = defaults[section][key]
+            if isinstance(value, dict):
+                inline = tomlkit.inline_table()
+                inline.update(value)
+                value = inline
+            table.add(key, value)
+        document.add(tomlkit.nl())
+        document.add(section, table)
+    return tomlkit.dumps(document)
+
+
+def _wrap(text: str, width: int = 92) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines

@@ -1,0 +1,83 @@
+"""Admission and picking: idle children, one bounded FIFO of waiting requests.
+
+A request goes to an idle child only (a child's socket accepts connections into its backlog
+even while it is busy, so a connect proves nothing). When none is idle it waits, up to
+``max_waiting`` requests and ``queue_timeout`` seconds; past either it gets a 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from . import logs
+
+if TYPE_CHECKING:
+    from .child import Child
+    from .config import LimitsSection
+    from .request import Request
+
+log = logs.get("fcgipool.dispatch")
+
+
+class Dispatcher:
+    def __init__(self, limits: LimitsSection) -> None:
+        self.limits = limits
+        self.idle: list[Child] = []  # a stack: the child used last is warmest
+        self.waiting: deque[Request] = deque()
+        self.rejected = 0
+        self.expired = 0
+
+    def submit(self, request: Request) -> None:
+        if self.idle:
+            request.start(self.idle.pop())
+            return
+        if len(self.waiting) >= self.limits.max_waiting:
+            self.rejected += 1
+            log.warning("queue_full", waiting=len(self.waiting), uri=_uri(request))
+            self._unavailable(request, b"All children are busy and the queue is full\n")
+            return
+        self.waiting.append(request)
+        request.queue_timer = asyncio.get_running_loop().call_later(
+            self.limits.queue_timeout, self._expire, request
+        )
+
+    def child_idle(self, child: Child) -> None:
+        """A child is free: give it the oldest waiting request, else keep it."""
+        if self.waiting:
+            request = self.waiting.popleft()
+            if request.queue_timer is not None:
+                request.queue_timer.cancel()
+                request.queue_timer = None
+            request.start(child)
+        else:
+            self.idle.append(child)
+
+    def forget(self, child: Child) -> None:
+        if child in self.idle:
+            self.idle.remove(child)
+
+    def withdraw(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+
+    def fail_waiting(self, body: bytes) -> None:
+        """Answer every waiting request with a 503 (the pool is stopping)."""
+        while self.waiting:
+            request = self.waiting.popleft()
+            request.respond(503, body)
+
+    def _expire(self, request: Request) -> None:
+        request.queue_timer = None
+        self.withdraw(request)
+        self.expired += 1
+        log.warning("queue_timeout", uri=_uri(request), seconds=self.limits.queue_timeout)
+        self._unavailable(request, b"No child became free in time\n")
+
+    def _unavailable(self, request: Request, body: bytes) -> None:
+        request.respond(503, body, (("Retry-After", str(self.limits.retry_after)),))
+
+
+def _uri(request: Request) -> str:
+    return request.params.get(b"REQUEST_URI", b"").decode("latin-1")

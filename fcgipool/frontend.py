@@ -1,0 +1,241 @@
+"""The pool socket: accept the web server's connections, decode them, enforce limits.
+
+A malformed record, a PARAMS stream that is too large or a connection that stalls in the
+middle of a request closes that one connection, with a log line; everyone else is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from . import logs
+from .config import Address
+from .protocol import (
+    AbortRequest,
+    BeginRequest,
+    GetValues,
+    Params,
+    ProtocolError,
+    ProtocolStatus,
+    Role,
+    ServerConnection,
+    Stdin,
+    UnknownManagementType,
+    encode_end_request,
+    encode_get_values_result,
+    encode_unknown_type,
+)
+from .request import Phase, Request
+
+if TYPE_CHECKING:
+    from .supervisor import Pool
+
+log = logs.get("fcgipool.frontend")
+
+
+class FrontConnection(asyncio.Protocol):
+    """One connection from the web server; may carry several requests (keep-conn, mux)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.codec = ServerConnection(pool.config.limits.max_params_size)
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, Request] = {}
+        self.reading_held_by: set[Request] = set()
+        self.write_paused = False
+        self.closed = False
+        self.last_data = time.monotonic()
+        self.peer = ""
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        limits = self.pool.config.limits
+        if len(self.pool.connections) >= limits.max_connections:
+            log.warning("connection_refused", reason="max_connections", peer=self.peer)
+            self.closed = True
+            transport.abort()
+            return
+        high = limits.write_buffer
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        self.pool.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
+        try:
+            events = self.codec.feed(data)
+        except ProtocolError as error:
+            self.abort(f"protocol error: {error}")
+            return
+        for event in events:
+            kind = type(event)
+            if kind is Stdin:
+                request = self.requests.get(event.request_id)
+                if request is not None:
+                    request.on_stdin(event.data)
+            elif kind is BeginRequest:
+                self._begin(event)
+            elif kind is Params:
+                request = self.requests.get(event.request_id)
+                if request is not None:
+                    request.on_params(event.params, event.raw)
+            elif kind is AbortRequest:
+                request = self.requests.get(event.request_id)
+                if request is not None:
+                    self.write(encode_end_request(event.request_id, 1))
+                    request.cancel()
+            elif kind is GetValues:
+                self.write(encode_get_values_result(self.pool.get_values(event.names)))
+            elif kind is UnknownManagementType:
+                self.write(encode_unknown_type(event.rtype))
+            if self.closed:
+                return
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.connections.discard(self)
+        for request in list(self.requests.values()):
+            request.cancel()
+        self.requests.clear()
+        self.reading_held_by.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for request in self.requests.values():
+            request.pause_response()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for request in self.requests.values():
+            request.resume_response()
+
+    # ------------------------------------------------------------ used by requests
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def abort(self, reason: str) -> None:
+        """Close this connection at once, losing what is buffered; log why."""
+        if self.closed:
+            return
+        log.warning("connection_closed", peer=self.peer, reason=reason)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def request_finished(self, request: Request) -> None:
+        self.codec.end_request(request.request_id)
+        if self.requests.get(request.request_id) is request:
+            del self.requests[request.request_id]
+        self.release_reading(request)
+        if not self.requests and (not request.keep_conn or self.pool.stopping):
+            self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close after what is buffered has been written (no request is in flight)."""
+        if not self.closed:
+            self.closed = True
+            self.transport.close()  # type: ignore[union-attr]
+
+    def hold_reading(self, request: Request) -> None:
+        """Stop reading this connection until every request that asked releases it."""
+        if not self.reading_held_by and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self.reading_held_by.add(request)
+
+    def release_reading(self, request: Request) -> None:
+        if request in self.reading_held_by:
+            self.reading_held_by.discard(request)
+            if not self.reading_held_by and not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def stalled_since(self, now: float) -> float:
+        """Seconds this connection has kept a request half-sent, 0 when it has not."""
+        if self.reading_held_by or not any(
+            request.phase is Phase.RECEIVING or not request.body_done
+            for request in self.requests.values()
+        ):
+            return 0.0
+        return now - self.last_data
+
+    # ------------------------------------------------------------ internals
+
+    def _begin(self, event: BeginRequest) -> None:
+        if event.role != Role.RESPONDER:
+            self.write(encode_end_request(event.request_id, 0, ProtocolStatus.UNKNOWN_ROLE))
+            self.codec.end_request(event.request_id)
+            return
+        if self.pool.stopping:
+            request = Request(self, event.request_id, event.keep_conn, self.pool)
+            self.requests[event.request_id] = request
+            request.respond(503, b"The pool is shutting down\n")
+            return
+        self.requests[event.request_id] = Request(
+            self, event.request_id, event.keep_conn, self.pool
+        )
+
+
+def _lookup_ids(owner: str, group: str) -> tuple[int, int]:
+    uid = pwd.getpwnam(owner).pw_uid if owner else -1
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    return uid, gid
+
+
+def bind(address: Address, mode: int, owner: str, group: str) -> socket.socket:
+    """A listening socket for ``address``; a stale unix socket file is replaced, a live
+    one (another pool answers on it) is an error."""
+    if address.kind == "tcp":
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+    else:
+        path = address.path
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise OSError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)
+            else:
+                raise OSError(f"{path} is in use by a running process")
+            finally:
+                probe.close()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        uid, gid = _lookup_ids(owner, group)
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def unlink_unix(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        name = sock.getsockname()
+        if sock.family == socket.AF_UNIX and isinstance(name, str) and name:
+            os.unlink(name)

@@ -1,0 +1,443 @@
+"""Sans-IO FastCGI codec (FastCGI 1.0 spec): bytes in, events out, bytes to send.
+
+Nothing here touches a socket or a clock, so every path can be unit-tested and fuzzed.
+Two connection roles are modelled: :class:`ServerConnection` is what the pool is to the web
+server (it receives requests), :class:`ClientConnection` is what the pool is to a child (it
+receives responses). Both are built on :class:`RecordReader`, which only splits records.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+VERSION = 1
+MAX_CONTENT = 0xFFFF
+HEADER = struct.Struct("!BBHHBx")
+_BEGIN_BODY = struct.Struct("!HB5x")
+_END_BODY = struct.Struct("!IB3x")
+_LEN4 = struct.Struct("!I")
+_PADDING = [b"\0" * n for n in range(8)]
+KEEP_CONN = 1
+
+
+class RecordType(IntEnum):
+    BEGIN_REQUEST = 1
+    ABORT_REQUEST = 2
+    END_REQUEST = 3
+    PARAMS = 4
+    STDIN = 5
+    STDOUT = 6
+    STDERR = 7
+    DATA = 8
+    GET_VALUES = 9
+    GET_VALUES_RESULT = 10
+    UNKNOWN_TYPE = 11
+
+
+class Role(IntEnum):
+    RESPONDER = 1
+    AUTHORIZER = 2
+    FILTER = 3
+
+
+class ProtocolStatus(IntEnum):
+    REQUEST_COMPLETE = 0
+    CANT_MPX_CONN = 1
+    OVERLOADED = 2
+    UNKNOWN_ROLE = 3
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that are not valid FastCGI; the connection must be closed."""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
+    """One record; ``content`` must fit in 65535 bytes. Padded to a multiple of 8."""
+    length = len(content)
+    pad = -length & 7
+    return HEADER.pack(VERSION, rtype, request_id, length, pad) + content + _PADDING[pad]
+
+
+def encode_stream(rtype: int, request_id: int, data: bytes) -> bytes:
+    """``data`` as records of a stream type, without the empty end-of-stream record."""
+    if len(data) <= MAX_CONTENT:
+        return encode_record(rtype, request_id, data) if data else b""
+    view = memoryview(data)
+    return b"".join(
+        encode_record(rtype, request_id, bytes(view[i : i + MAX_CONTENT]))
+        for i in range(0, len(data), MAX_CONTENT)
+    )
+
+
+def _encode_length(n: int) -> bytes:
+    return bytes((n,)) if n < 128 else _LEN4.pack(n | 0x80000000)
+
+
+def encode_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Name-value pairs with 1-byte lengths below 128 and 4-byte lengths otherwise."""
+    out = bytearray()
+    for name, value in pairs:
+        out += _encode_length(len(name))
+        out += _encode_length(len(value))
+        out += name
+        out += value
+    return bytes(out)
+
+
+def decode_pairs(data: bytes) -> dict[bytes, bytes]:
+    """Inverse of :func:`encode_pairs`; a truncated pair is a :class:`ProtocolError`."""
+    pairs: dict[bytes, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        lengths = []
+        for _ in range(2):
+            if pos >= end:
+                raise ProtocolError("truncated name-value length")
+            first = data[pos]
+            if first < 128:
+                lengths.append(first)
+                pos += 1
+            else:
+                if pos + 4 > end:
+                    raise ProtocolError("truncated 4-byte name-value length")
+                lengths.append(_LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF)
+                pos += 4
+        name_len, value_len = lengths
+        if pos + name_len + value_len > end:
+            raise ProtocolError("name-value pair longer than its record stream")
+        name = bytes(data[pos : pos + name_len])
+        pos += name_len
+        pairs[name] = bytes(data[pos : pos + value_len])
+        pos += value_len
+    return pairs
+
+
+def encode_params(request_id: int, params: Mapping[bytes, bytes] | bytes) -> bytes:
+    """PARAMS records plus the empty one that ends the stream. Raw encoded pairs pass as is."""
+    body = params if isinstance(params, bytes | bytearray) else encode_pairs(params.items())
+    return encode_stream(RecordType.PARAMS, request_id, bytes(body)) + encode_record(
+        RecordType.PARAMS, request_id
+    )
+
+
+def encode_begin_request(
+    request_id: int, role: int = Role.RESPONDER, keep_conn: bool = False
+) -> bytes:
+    body = _BEGIN_BODY.pack(role, KEEP_CONN if keep_conn else 0)
+    return encode_record(RecordType.BEGIN_REQUEST, request_id, body)
+
+
+def encode_end_request(
+    request_id: int, app_status: int = 0, protocol_status: int = ProtocolStatus.REQUEST_COMPLETE
+) -> bytes:
+    body = _END_BODY.pack(app_status & 0xFFFFFFFF, protocol_status)
+    return encode_record(RecordType.END_REQUEST, request_id, body)
+
+
+def encode_get_values_result(values: Mapping[bytes, bytes]) -> bytes:
+    return encode_record(RecordType.GET_VALUES_RESULT, 0, encode_pairs(values.items()))
+
+
+def encode_unknown_type(rtype: int) -> bytes:
+    return encode_record(RecordType.UNKNOWN_TYPE, 0, bytes((rtype,)) + b"\0" * 7)
+
+
+def encode_request(
+    request_id: int,
+    params: Mapping[bytes, bytes],
+    body: bytes = b"",
+    keep_conn: bool = False,
+) -> bytes:
+    """A whole RESPONDER request, as a web server would send it."""
+    return (
+        encode_begin_request(request_id, Role.RESPONDER, keep_conn)
+        + encode_params(request_id, params)
+        + encode_stream(RecordType.STDIN, request_id, body)
+        + encode_record(RecordType.STDIN, request_id)
+    )
+
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def encode_response(
+    request_id: int,
+    status: int,
+    body: bytes = b"",
+    headers: Iterable[tuple[str, str]] = (),
+    content_type: str = "text/plain; charset=utf-8",
+) -> bytes:
+    """A complete response the pool writes itself (503, 504, 413, ...), END_REQUEST included."""
+    head = [f"Status: {status} {_REASONS.get(status, '')}".rstrip()]
+    head.append(f"Content-Type: {content_type}")
+    head.append(f"Content-Length: {len(body)}")
+    head.extend(f"{name}: {value}" for name, value in headers)
+    stdout = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    return (
+        encode_stream(RecordType.STDOUT, request_id, stdout)
+        + encode_record(RecordType.STDOUT, request_id)
+        + encode_end_request(request_id, 0 if status < 500 else 1)
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class RecordReader:
+    """Splits a byte stream into ``(type, request_id, content)`` records.
+
+    Only the framing is checked here. At most one incomplete record is held, so the buffer
+    is bounded by the largest record: 8 + 65535 + 255 bytes.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    @property
+    def pending(self) -> int:
+        """Bytes held that do not yet make a whole record."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        buffer = self._buffer + data if self._buffer else data
+        records = []
+        pos, end = 0, len(buffer)
+        unpack = HEADER.unpack_from
+        while end - pos >= 8:
+            version, rtype, request_id, length, pad = unpack(buffer, pos)
+            if version != VERSION:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
+            stop = pos + 8 + length
+            if stop + pad > end:
+                break
+            records.append((rtype, request_id, buffer[pos + 8 : stop]))
+            pos = stop + pad
+        self._buffer = buffer[pos:] if pos < end else b""
+        return records
+
+
+# Events. Small frozen-free classes with slots: they are made on the hot path.
+
+
+@dataclass(slots=True)
+class BeginRequest:
+    request_id: int
+    role: int
+    keep_conn: bool
+
+
+@dataclass(slots=True)
+class Params:
+    """The whole PARAMS stream of a request, decoded once it ended."""
+
+    request_id: int
+    params: dict[bytes, bytes]
+    raw: bytes
+
+
+@dataclass(slots=True)
+class Stdin:
+    """A piece of the request body; ``data == b""`` marks its end."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Data:
+    request_id: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class AbortRequest:
+    request_id: int
+
+
+@dataclass(slots=True)
+class GetValues:
+    names: list[bytes]
+
+
+@dataclass(slots=True)
+class UnknownManagementType:
+    """A management record of a type this codec does not know; answer UNKNOWN_TYPE."""
+
+    rtype: int
+
+
+@dataclass(slots=True)
+class Stdout:
+    """A piece of the response; ``data == b""`` marks the end of the stream."""
+
+    request_id: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Stderr:
+    request_id: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndRequest:
+    request_id: int
+    app_status: int
+    protocol_status: int
+
+
+@dataclass(slots=True)
+class GetValuesResult:
+    values: dict[bytes, bytes]
+
+
+@dataclass(slots=True)
+class UnknownTypeResult:
+    rtype: int
+
+
+Event = (
+    BeginRequest
+    | Params
+    | Stdin
+    | Data
+    | AbortRequest
+    | GetValues
+    | UnknownManagementType
+    | Stdout
+    | Stderr
+    | EndRequest
+    | GetValuesResult
+    | UnknownTypeResult
+)
+
+_MANAGEMENT_FROM_CLIENT = (RecordType.GET_VALUES,)
+
+
+class ServerConnection:
+    """The application side of one connection: what the pool is to nginx or Apache.
+
+    Tracks which request ids are active, reassembles PARAMS (bounded by ``max_params``)
+    and turns records into events. Records for a request id that is not active are
+    dropped, as the spec allows; anything malformed raises :class:`ProtocolError`.
+    """
+
+    __slots__ = ("_params", "_reader", "active", "max_params")
+
+    def __init__(self, max_params: int = 1 << 20) -> None:
+        self._reader = RecordReader()
+        self._params: dict[int, list[bytes] | None] = {}
+        self.active: set[int] = set()
+        self.max_params = max_params
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        for rtype, request_id, content in self._reader.feed(data):
+            if request_id == 0:
+                events.append(self._management(rtype, content))
+            elif rtype == RecordType.STDIN:
+                if request_id in self.active:
+                    if self._params.get(request_id) is not None:
+                        raise ProtocolError(f"STDIN before the end of PARAMS, id {request_id}")
+                    events.append(Stdin(request_id, content))
+            elif rtype == RecordType.PARAMS:
+                event = self._add_params(request_id, content)
+                if event is not None:
+                    events.append(event)
+            elif rtype == RecordType.BEGIN_REQUEST:
+                events.append(self._begin(request_id, content))
+            elif rtype == RecordType.ABORT_REQUEST:
+                if request_id in self.active:
+                    events.append(AbortRequest(request_id))
+            elif rtype == RecordType.DATA:
+                if request_id in self.active:
+                    events.append(Data(request_id, content))
+            else:
+                raise ProtocolError(f"record type {rtype} is not sent by a web server")
+        return events
+
+    def end_request(self, request_id: int) -> None:
+        """Forget a request once its END_REQUEST was sent; its id may be reused."""
+        self.active.discard(request_id)
+        self._params.pop(request_id, None)
+
+    def _management(self, rtype: int, content: bytes) -> Event:
+        if rtype == RecordType.GET_VALUES:
+            return GetValues(list(decode_pairs(content)))
+        if rtype in RecordType.__members__.values():
+            raise ProtocolError(f"record type {rtype} is not a management record")
+        return UnknownManagementType(rtype)
+
+    def _begin(self, request_id: int, content: bytes) -> BeginRequest:
+        if len(content) != 8:
+            raise ProtocolError(f"BEGIN_REQUEST body is {len(content)} bytes, not 8")
+        if request_id in self.active:
+            raise ProtocolError(f"BEGIN_REQUEST for active request id {request_id}")
+        role, flags = _BEGIN_BODY.unpack(content)
+        self.active.add(request_id)
+        self._params[request_id] = []
+        return BeginRequest(request_id, role, bool(flags & KEEP_CONN))
+
+    def _add_params(self, request_id: int, content: bytes) -> Params | None:
+        parts = self._params.get(request_id)
+        if parts is None:
+            if request_id in self.active and content:
+                raise ProtocolError(f"PARAMS after the end of the stream, id {request_id}")
+            return None
+        if content:
+            parts.append(content)
+            if sum(map(len, parts)) > self.max_params:
+                raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
+            return None
+        self._params[request_id] = None
+        raw = b"".join(parts)
+        return Params(request_id, decode_pairs(raw), raw)
+
+
+class ClientConnection:
+    """The web-server side of one connection: what the pool is to a child."""
+
+    __slots__ = ("_reader",)
+
+    def __init__(self) -> None:
+        self._reader = RecordReader()
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        for rtype, request_id, content in self._reader.feed(data):
+            if rtype == RecordType.STDOUT:
+                events.append(Stdout(request_id, content))
+            elif rtype == RecordType.END_REQUEST:
+                if len(content) != 8:
+                    raise ProtocolError(f"END_REQUEST body is {len(content)} bytes, not 8")
+                app_status, protocol_status = _END_BODY.unpack(content)
+                events.append(EndRequest(request_id, app_status, protocol_status))
+            elif rtype == RecordType.STDERR:
+                events.append(Stderr(request_id, content))
+            elif rtype == RecordType.GET_VALUES_RESULT:
+                events.append(GetValuesResult(decode_pairs(content)))
+            elif rtype == RecordType.UNKNOWN_TYPE:
+                if len(content) != 8:
+                    raise ProtocolError("UNKNOWN_TYPE body is not 8 bytes")
+                events.append(UnknownTypeResult(content[0]))
+            else:
+                raise ProtocolError(f"record type {rtype} is not sent by an application")
+        return events

@@ -1,0 +1,231 @@
+"""One request's life: received from the web server, queued, relayed to a child, answered.
+
+The request relays in both directions with flow control: body bytes wait in a bounded
+buffer until a child takes the request, then stream as they arrive; response bytes stream
+back while the front-end connection keeps up, and the child is read more slowly when not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from typing import TYPE_CHECKING
+
+from .child import State as ChildState
+from .protocol import (
+    RecordType,
+    encode_begin_request,
+    encode_end_request,
+    encode_params,
+    encode_record,
+    encode_response,
+    encode_stream,
+)
+
+if TYPE_CHECKING:
+    from .child import Child, ChildConnection
+    from .frontend import FrontConnection
+    from .supervisor import Pool
+
+CHILD_REQUEST_ID = 1
+_STDIN_END = encode_record(RecordType.STDIN, CHILD_REQUEST_ID)
+
+
+class Phase(enum.Enum):
+    RECEIVING = "receiving"  # PARAMS not complete
+    QUEUED = "queued"  # waiting for a free child
+    CONNECTING = "connecting"  # a child is chosen, its connection is being made
+    RUNNING = "running"  # the child has the request
+    DONE = "done"  # answered or given up
+
+
+class Request:
+    __slots__ = (
+        "_pending",
+        "_pending_size",
+        "body_done",
+        "body_size",
+        "child",
+        "connection",
+        "created",
+        "front",
+        "keep_conn",
+        "params",
+        "phase",
+        "pool",
+        "queue_timer",
+        "raw_params",
+        "request_id",
+        "response_started",
+    )
+
+    def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, pool: Pool):
+        self.front = front
+        self.request_id = request_id
+        self.keep_conn = keep_conn
+        self.pool = pool
+        self.params: dict[bytes, bytes] = {}
+        self.raw_params = b""
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.body_size = 0
+        self.body_done = False
+        self.child: Child | None = None
+        self.connection: ChildConnection | None = None
+        self.phase = Phase.RECEIVING
+        self.queue_timer: asyncio.TimerHandle | None = None
+        self.response_started = False
+        self.created = time.monotonic()
+
+    def __repr__(self) -> str:
+        uri = self.params.get(b"REQUEST_URI", b"?").decode("latin-1")
+        return f"<Request {self.request_id} {self.phase.value} {uri}>"
+
+    # ------------------------------------------------------------ from the web server
+
+    def on_params(self, params: dict[bytes, bytes], raw: bytes) -> None:
+        self.params, self.raw_params = params, raw
+        length = params.get(b"CONTENT_LENGTH", b"")
+        if length.isdigit() and int(length) > self.pool.config.limits.max_body_size:
+            self.respond(413, b"Request body too large\n")
+            return
+        self.phase = Phase.QUEUED
+        self.pool.dispatcher.submit(self)
+
+    def on_stdin(self, data: bytes) -> None:
+        if self.phase is Phase.DONE:
+            return
+        if data:
+            self.body_size += len(data)
+            if self.body_size > self.pool.config.limits.max_body_size:
+                self.give_up()
+                self.respond(413, b"Request body too large\n")
+                return
+            record = encode_stream(RecordType.STDIN, CHILD_REQUEST_ID, data)
+        else:
+            self.body_done = True
+            record = _STDIN_END
+        if self.connection is not None:
+            self.connection.write(record)
+            return
+        self._pending.append(record)
+        self._pending_size += len(record)
+        if self._pending_size > self.pool.config.limits.body_buffer:
+            self.front.hold_reading(self)
+
+    def cancel(self) -> None:
+        """The web server aborted the request or went away: stop all work for it."""
+        if self.phase is not Phase.DONE:
+            self.give_up()
+            self._finish()
+
+    # ------------------------------------------------------------ to and from a child
+
+    def start(self, child: Child) -> None:
+        """The dispatcher gives this request a free child."""
+        self.child = child
+        child.state = ChildState.BUSY
+        self.phase = Phase.CONNECTING
+        connection = child.usable_connection()
+        if connection is not None:
+            self._attach(connection)
+        else:
+            asyncio.get_running_loop().create_task(self._connect(child))
+
+    async def _connect(self, child: Child) -> None:
+        connection = await child.connect()
+        if self.phase is not Phase.CONNECTING or self.child is not child:
+            if connection is not None:  # given up while connecting: the child is free
+                self.pool.child_done(child, served=False)
+            return
+        if connection is None:
+            self.on_lost()
+        else:
+            self._attach(connection)
+
+    def _attach(self, connection: ChildConnection) -> None:
+        self.connection = connection
+        self.phase = Phase.RUNNING
+        connection.handler = self
+        keep = self.pool.config.child.keep_conn
+        head = encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) + encode_params(
+            CHILD_REQUEST_ID, self.raw_params
+        )
+        connection.write(head + b"".join(self._pending) if self._pending else head)
+        self._pending.clear()
+        self._pending_size = 0
+        self.front.release_reading(self)
+
+    def on_stdout(self, data: bytes) -> None:
+        self.response_started = True
+        self.front.write(encode_record(RecordType.STDOUT, self.request_id, data))
+
+    def on_stderr(self, data: bytes) -> None:
+        self.front.write(encode_record(RecordType.STDERR, self.request_id, data))
+
+    def on_end(self, app_status: int, protocol_status: int) -> None:
+        self.front.write(encode_end_request(self.request_id, app_status, protocol_status))
+        child = self.child
+        self._finish()
+        if child is not None:
+            self.pool.child_done(child, served=True)
+
+    def on_lost(self) -> None:
+        """The child's connection ended before END_REQUEST."""
+        if self.phase is Phase.DONE:
+            return
+        child = self.child
+        if self.response_started:
+            self.front.abort("child connection lost mid-response")
+            self._finish()
+        else:
+            self.respond(502, b"The FastCGI child failed before answering\n")
+        if child is not None:
+            self.pool.recover(child)
+
+    def pause_sending(self) -> None:
+        self.front.hold_reading(self)
+
+    def resume_sending(self) -> None:
+        self.front.release_reading(self)
+
+    def pause_response(self) -> None:
+        """The front-end connection's buffer is full: read the child more slowly."""
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.pause_reading()
+
+    def resume_response(self) -> None:
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.resume_reading()
+
+    # ------------------------------------------------------------ endings
+
+    def respond(self, status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer from the pool itself and end the request."""
+        if self.phase is Phase.DONE:
+            return
+        self.front.write(encode_response(self.request_id, status, body, headers))
+        self._finish()
+
+    def give_up(self) -> None:
+        """Withdraw the request from the queue or from its child, which must then recover."""
+        if self.phase is Phase.QUEUED:
+            self.pool.dispatcher.withdraw(self)
+        elif self.phase in (Phase.CONNECTING, Phase.RUNNING) and self.child is not None:
+            child, self.child = self.child, None
+            if self.connection is not None:
+                self.connection.handler = None
+                self.connection = None
+            if self.phase is Phase.RUNNING:
+                self.pool.recover(child)
+            self.phase = Phase.QUEUED  # so _connect sees the change
+
+    def _finish(self) -> None:
+        if self.queue_timer is not None:
+            self.queue_timer.cancel()
+            self.queue_timer = None
+        self.phase = Phase.DONE
+        self.connection = None
+        self._pending.clear()
+        self.front.request_finished(self)
