@@ -7,7 +7,6 @@ middle of a request closes that one connection, with a log line; everyone else i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
 import os
 import pwd
@@ -33,7 +32,7 @@ from .protocol import (
     encode_get_values_result,
     encode_unknown_type,
 )
-from .request import Phase, Request
+from .request import Request
 
 if TYPE_CHECKING:
     from .supervisor import Pool
@@ -139,10 +138,14 @@ class FrontConnection(asyncio.Protocol):
             self.transport.abort()
 
     def request_finished(self, request: Request) -> None:
+        """Forget an answered request. One answered before its body ended (413, 503) is kept
+        until the body's end arrives, so the web server can finish sending it."""
+        self.release_reading(request)
+        if not request.body_done and not self.closed:
+            return
         self.codec.end_request(request.request_id)
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
-        self.release_reading(request)
         if not self.requests and (not request.keep_conn or self.pool.stopping):
             self.close_idle()
 
@@ -166,10 +169,7 @@ class FrontConnection(asyncio.Protocol):
 
     def stalled_since(self, now: float) -> float:
         """Seconds this connection has kept a request half-sent, 0 when it has not."""
-        if self.reading_held_by or not any(
-            request.phase is Phase.RECEIVING or not request.body_done
-            for request in self.requests.values()
-        ):
+        if self.reading_held_by or all(request.body_done for request in self.requests.values()):
             return 0.0
         return now - self.last_data
 
@@ -232,10 +232,3 @@ def bind(address: Address, mode: int, owner: str, group: str) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-def unlink_unix(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        name = sock.getsockname()
-        if sock.family == socket.AF_UNIX and isinstance(name, str) and name:
-            os.unlink(name)

@@ -344,7 +344,7 @@ class ServerConnection:
 
     def __init__(self, max_params: int = 1 << 20) -> None:
         self._reader = RecordReader()
-        self._params: dict[int, list[bytes] | None] = {}
+        self._params: dict[int, bytearray | None] = {}
         self.active: set[int] = set()
         self.max_params = max_params
 
@@ -393,7 +393,7 @@ class ServerConnection:
             raise ProtocolError(f"BEGIN_REQUEST for active request id {request_id}")
         role, flags = _BEGIN_BODY.unpack(content)
         self.active.add(request_id)
-        self._params[request_id] = []
+        self._params[request_id] = bytearray()
         return BeginRequest(request_id, role, bool(flags & KEEP_CONN))
 
     def _add_params(self, request_id: int, content: bytes) -> Params | None:
@@ -403,12 +403,14 @@ class ServerConnection:
                 raise ProtocolError(f"PARAMS after the end of the stream, id {request_id}")
             return None
         if content:
-            parts.append(content)
-            if sum(map(len, parts)) > self.max_params:
+            # A running buffer, not a list summed on every record: that was quadratic in
+            # the number of PARAMS records (a peer sending 1-byte records froze the loop).
+            parts += content
+            if len(parts) > self.max_params:
                 raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
             return None
         self._params[request_id] = None
-        raw = b"".join(parts)
+        raw = bytes(parts)
         return Params(request_id, decode_pairs(raw), raw)
 
 

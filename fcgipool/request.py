@@ -94,7 +94,10 @@ class Request:
         self.pool.dispatcher.submit(self)
 
     def on_stdin(self, data: bytes) -> None:
-        if self.phase is Phase.DONE:
+        if self.phase is Phase.DONE:  # answered early: the rest of the body is discarded
+            if not data:
+                self.body_done = True
+                self.front.request_finished(self)
             return
         if data:
             self.body_size += len(data)

@@ -21,7 +21,7 @@ from . import logs, systemd
 from .child import Child, State, child_environment
 from .config import Config
 from .dispatch import Dispatcher
-from .frontend import FrontConnection, bind, unlink_unix
+from .frontend import FrontConnection, bind
 
 log = logs.get("fcgipool.supervisor")
 
@@ -56,6 +56,7 @@ class Pool:
         self.runtime_dir = ""
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_sockets: list[socket.socket] = []
+        self.unix_paths: list[str] = []
         self.child_env = child_environment(config.child, os.environ)
         self.exit_code = 0
         self._stopped: asyncio.Future[None] | None = None
@@ -77,8 +78,7 @@ class Pool:
             await self._stopped
             sweeper.cancel()
         finally:
-            for sock in self.listen_sockets:
-                unlink_unix(sock)
+            self._unlink_sockets()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("pool_stopped", exit_code=self.exit_code)
         return self.exit_code
@@ -97,6 +97,7 @@ class Pool:
                 bind(address, self.config.socket_mode(), pool.socket_owner, pool.socket_group)
                 for address in self.config.addresses
             ]
+            self.unix_paths = [a.path for a in self.config.addresses if a.kind == "unix"]
         for sock in sockets:
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
@@ -278,8 +279,14 @@ class Pool:
         systemd.notify("STOPPING=1")
         for server in self.servers:
             server.close()
-        for sock in self.listen_sockets:
-            unlink_unix(sock)
+        self._unlink_sockets()
+
+    def _unlink_sockets(self) -> None:
+        """Remove the socket files we made (not those systemd owns)."""
+        for path in self.unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.unix_paths = []
 
     def _busy(self) -> bool:
         return bool(self.dispatcher.waiting) or any(

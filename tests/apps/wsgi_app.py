@@ -2,9 +2,12 @@
 
 The query string chooses the behaviour: ``sleep=SECONDS`` waits first, ``size=N`` answers
 with N bytes (streamed in 64 KiB pieces), ``echo=1`` answers with the request body,
-``status=N`` sets the status. Every answer carries X-Pid so tests can tell children apart.
+``status=N`` sets the status, ``touch=PATH`` creates PATH when the request starts (so a test
+knows a child has it), ``stderr=TEXT`` writes a line to fd 2, ``env=1`` answers with the
+environment as JSON. Every answer carries X-Pid so tests can tell children apart.
 """
 
+import json
 import os
 import sys
 import time
@@ -15,6 +18,15 @@ CHUNK = b"x" * 65536
 
 def app(environ, start_response):
     query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    if "touch" in query:
+        with open(query["touch"], "w") as marker:
+            marker.write(str(os.getpid()))
+    if "stderr" in query:
+        print(query["stderr"], file=sys.stderr, flush=True)
+    if query.get("env"):
+        body = json.dumps(dict(os.environ)).encode()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
     if "sleep" in query:
         time.sleep(float(query["sleep"]))
     status = query.get("status", "200")
