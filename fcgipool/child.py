@@ -23,12 +23,10 @@ from . import logs
 from .client import cgi_params
 from .config import ChildSection
 from .protocol import (
-    ClientConnection,
     EndRequest,
     ProtocolError,
     RecordType,
-    Stderr,
-    Stdout,
+    ResponseScanner,
     encode_record,
     encode_request,
 )
@@ -52,9 +50,10 @@ class State(enum.Enum):
 class Handler(Protocol):
     """Who receives what a child sends on its current connection."""
 
-    def on_stdout(self, data: bytes) -> None: ...
-    def on_stderr(self, data: bytes) -> None: ...
-    def on_end(self, app_status: int, protocol_status: int) -> None: ...
+    def on_output(
+        self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
+    ) -> None:
+        """Whole STDOUT/STDERR records as the child sent them, and END_REQUEST if it came."""
     def on_lost(self) -> None: ...
     def pause_sending(self) -> None: ...
     def resume_sending(self) -> None: ...
@@ -82,11 +81,11 @@ def _set_parent_death_signal() -> None:
 class ChildConnection(asyncio.Protocol):
     """The pool's connection to one child; forwards what the child sends to a handler."""
 
-    __slots__ = ("_codec", "child", "closed", "handler", "last_used", "transport")
+    __slots__ = ("_scanner", "child", "closed", "handler", "last_used", "transport")
 
     def __init__(self, child: Child) -> None:
         self.child = child
-        self._codec = ClientConnection()
+        self._scanner = ResponseScanner()
         self.transport: asyncio.Transport | None = None
         self.handler: Handler | None = None
         self.closed = False
@@ -108,7 +107,7 @@ class ChildConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self._codec.feed(data)
+            records, starts, has_output, end = self._scanner.feed(data)
         except ProtocolError as error:
             log.warning("child_protocol_error", pid=self.child.pid, error=str(error))
             handler, self.handler = self.handler, None
@@ -117,18 +116,13 @@ class ChildConnection(asyncio.Protocol):
                 handler.on_lost()
             self.child.misbehaved()
             return
-        for event in events:
-            handler = self.handler
-            if handler is None:
-                return
-            if type(event) is Stdout:
-                handler.on_stdout(event.data)
-            elif type(event) is EndRequest:
-                self.handler = None
-                self.last_used = time.monotonic()
-                handler.on_end(event.app_status, event.protocol_status)
-            elif type(event) is Stderr:
-                handler.on_stderr(event.data)
+        handler = self.handler
+        if not starts or handler is None:
+            return
+        if end is not None:
+            self.handler = None
+            self.last_used = time.monotonic()
+        handler.on_output(records, starts, has_output, end)
 
     def eof_received(self) -> bool:
         return False
@@ -188,14 +182,11 @@ class Probe:
             self.timer.cancel()
             self.done(self.child, ok)
 
-    def on_stdout(self, data: bytes) -> None:
-        pass
-
-    def on_stderr(self, data: bytes) -> None:
-        pass
-
-    def on_end(self, app_status: int, protocol_status: int) -> None:
-        self._finish(True)
+    def on_output(
+        self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
+    ) -> None:
+        if end is not None:
+            self._finish(True)
 
     def on_lost(self) -> None:
         self._finish(False)

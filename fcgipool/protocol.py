@@ -443,3 +443,59 @@ class ClientConnection:
             else:
                 raise ProtocolError(f"record type {rtype} is not sent by an application")
         return events
+
+
+class ResponseScanner:
+    """The pool's fast path for a child's answer: whole records are checked, not copied apart.
+
+    ``feed`` returns the bytes of the complete records received so far, ready to forward
+    as they are (only the request id in each header may need rewriting, see
+    :func:`retag`), whether any of them carried response bytes, and the END_REQUEST that
+    closes the response, if it came. A record after END_REQUEST is a protocol error: a
+    child answers one request at a time.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, list[int], bool, EndRequest | None]:
+        buffer = self._buffer + data if self._buffer else data
+        pos, end = 0, len(buffer)
+        starts: list[int] = []
+        has_output = False
+        finished: EndRequest | None = None
+        unpack = HEADER.unpack_from
+        while end - pos >= 8:
+            version, rtype, request_id, length, pad = unpack(buffer, pos)
+            stop = pos + 8 + length + pad
+            if stop > end:
+                break
+            if version != VERSION:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
+            if finished is not None:
+                raise ProtocolError("record after END_REQUEST")
+            if rtype == RecordType.STDOUT:
+                has_output = has_output or length > 0
+            elif rtype == RecordType.END_REQUEST:
+                if length != 8:
+                    raise ProtocolError(f"END_REQUEST body is {length} bytes, not 8")
+                app_status, protocol_status = _END_BODY.unpack_from(buffer, pos + 8)
+                finished = EndRequest(request_id, app_status, protocol_status)
+            elif rtype != RecordType.STDERR:
+                raise ProtocolError(f"record type {rtype} is not part of a response")
+            starts.append(pos)
+            pos = stop
+        self._buffer = buffer[pos:] if pos < end else b""
+        return (buffer[:pos] if pos < end else buffer), starts, has_output, finished
+
+
+def retag(records: bytes, starts: list[int], request_id: int) -> bytes:
+    """``records`` with the request id of every header (at ``starts``) set to ``request_id``."""
+    out = bytearray(records)
+    high, low = request_id >> 8, request_id & 0xFF
+    for start in starts:
+        out[start + 2] = high
+        out[start + 3] = low
+    return bytes(out)

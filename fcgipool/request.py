@@ -3,6 +3,11 @@
 The request relays in both directions with flow control: body bytes wait in a bounded
 buffer until a child takes the request, then stream as they arrive; response bytes stream
 back while the front-end connection keeps up, and the child is read more slowly when not.
+
+A kept child connection can be closed by the child just as the next request is written on
+it: libfcgi reads ahead while it drains the previous request and throws the new request
+away with its buffer. Such a request never started, so it is replayed once on a fresh
+connection to the same child (a dead child refuses the connection and the client gets 502).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from typing import TYPE_CHECKING
 
 from .child import State as ChildState
 from .protocol import (
+    EndRequest,
     RecordType,
     encode_begin_request,
-    encode_end_request,
     encode_params,
     encode_record,
     encode_response,
     encode_stream,
+    retag,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +50,9 @@ class Request:
     __slots__ = (
         "_pending",
         "_pending_size",
+        "_replay",
+        "_replay_size",
+        "_replayed",
         "body_done",
         "body_size",
         "child",
@@ -69,6 +78,9 @@ class Request:
         self.raw_params = b""
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._replay: list[bytes] | None = None
+        self._replay_size = 0
+        self._replayed = False
         self.body_size = 0
         self.body_done = False
         self.child: Child | None = None
@@ -111,6 +123,11 @@ class Request:
             record = _STDIN_END
         if self.connection is not None:
             self.connection.write(record)
+            if self._replay is not None:
+                self._replay.append(record)
+                self._replay_size += len(record)
+                if self._replay_size > self.pool.config.limits.body_buffer:
+                    self._replay = None
             return
         self._pending.append(record)
         self._pending_size += len(record)
@@ -129,12 +146,20 @@ class Request:
         """The dispatcher gives this request a free child."""
         self.child = child
         child.state = ChildState.BUSY
-        self.phase = Phase.CONNECTING
+        keep = self.pool.config.child.keep_conn
+        head = encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) + encode_params(
+            CHILD_REQUEST_ID, self.raw_params
+        )
+        self._pending.insert(0, head)
         connection = child.usable_connection()
         if connection is not None:
-            self._attach(connection)
+            self._attach(connection, reused=True)
         else:
-            asyncio.get_running_loop().create_task(self._connect(child))
+            self._connect_later(child)
+
+    def _connect_later(self, child: Child) -> None:
+        self.phase = Phase.CONNECTING
+        asyncio.get_running_loop().create_task(self._connect(child))
 
     async def _connect(self, child: Child) -> None:
         connection = await child.connect()
@@ -145,40 +170,46 @@ class Request:
         if connection is None:
             self.on_lost()
         else:
-            self._attach(connection)
+            self._attach(connection, reused=False)
 
-    def _attach(self, connection: ChildConnection) -> None:
+    def _attach(self, connection: ChildConnection, reused: bool) -> None:
         self.connection = connection
         self.phase = Phase.RUNNING
         connection.handler = self
-        keep = self.pool.config.child.keep_conn
-        head = encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) + encode_params(
-            CHILD_REQUEST_ID, self.raw_params
-        )
-        connection.write(head + b"".join(self._pending) if self._pending else head)
+        data = b"".join(self._pending)
+        connection.write(data)
         self._pending.clear()
         self._pending_size = 0
+        if reused and not self._replayed:
+            self._replay, self._replay_size = [data], len(data)
         self.front.release_reading(self)
 
-    def on_stdout(self, data: bytes) -> None:
-        self.response_started = True
-        self.front.write(encode_record(RecordType.STDOUT, self.request_id, data))
-
-    def on_stderr(self, data: bytes) -> None:
-        self.front.write(encode_record(RecordType.STDERR, self.request_id, data))
-
-    def on_end(self, app_status: int, protocol_status: int) -> None:
-        self.front.write(encode_end_request(self.request_id, app_status, protocol_status))
-        child = self.child
-        self._finish()
-        if child is not None:
-            self.pool.child_done(child, served=True)
+    def on_output(
+        self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
+    ) -> None:
+        if has_output and not self.response_started:
+            self.response_started = True
+            self._replay = None
+        if self.request_id != CHILD_REQUEST_ID:
+            records = retag(records, starts, self.request_id)
+        self.front.write(records)
+        if end is not None:
+            child = self.child
+            self._finish()
+            if child is not None:
+                self.pool.child_done(child, served=True)
 
     def on_lost(self) -> None:
         """The child's connection ended before END_REQUEST."""
         if self.phase is Phase.DONE:
             return
         child = self.child
+        if self._replay is not None and child is not None and child.state is ChildState.BUSY:
+            self._pending[:0] = self._replay
+            self._replay, self._replayed = None, True
+            self.connection = None
+            self._connect_later(child)
+            return
         if self.response_started:
             self.front.abort("child connection lost mid-response")
             self._finish()
@@ -231,4 +262,5 @@ class Request:
         self.phase = Phase.DONE
         self.connection = None
         self._pending.clear()
+        self._replay = None
         self.front.request_finished(self)

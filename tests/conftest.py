@@ -85,7 +85,7 @@ class PoolProcess:
         self.log_path = workdir / "pool.log"
         command = [*(wrap or []), sys.executable, "-m", "fcgipool", "serve",
                    "-c", str(self.config_path), *(args or [])]
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the pool
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, pass_fds=pass_fds, start_new_session=True,
@@ -233,6 +233,10 @@ class Nginx:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def error_log(self) -> str:
+        path = self.dir / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
         if self.process.poll() is None:

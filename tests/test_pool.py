@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -110,10 +111,8 @@ def test_queue_overflow_gets_503_at_once(pool_factory, workdir):
     answers = {}
 
     def collect(name, sock):
-        try:
+        with contextlib.suppress(OSError):  # closed by the test once it has its answer
             answers[name] = read_response(sock)
-        except OSError:
-            pass  # closed by the test once it has its answer
 
     threads = [threading.Thread(target=collect, args=(n, s), daemon=True)
                for n, s in (("second", second), ("third", third))]
@@ -121,7 +120,7 @@ def test_queue_overflow_gets_503_at_once(pool_factory, workdir):
         thread.start()
     wait_for(lambda: answers, 10, "one of the two queued requests to be refused")
     elapsed = time.monotonic() - started
-    (status, headers, body), = answers.values()
+    (status, headers, _body), = answers.values()
     assert status == 503
     assert headers["Retry-After"] == "5"
     assert elapsed < 5
@@ -136,7 +135,7 @@ def test_queue_timeout_gets_503(pool_factory, workdir):
     busy = send_request(pool.address, f"/?sleep=20&touch={marker}")
     wait_for(marker.exists, 20, "the only child to take the slow request")
     started = time.monotonic()
-    status, headers, body = read_response(send_request(pool.address, "/?n=2"))
+    status, _headers, body = read_response(send_request(pool.address, "/?n=2"))
     assert status == 503
     assert b"in time" in body
     assert 0.9 < time.monotonic() - started < 10

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on Debian bookworm (run as root) and runs it.
+# Real components only: nginx, QGIS Server, spawn-fcgi, systemd-socket-activate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nginx-light qgis-server spawn-fcgi libfcgi-bin wrk systemd python3-venv python3-dev gcc)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The nginx package starts a default site on port 80; the tests run their own instances.
+systemctl disable --now nginx >/dev/null 2>&1 || true
+
+if [ ! -x .venv/bin/python ]; then
+    /usr/bin/python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== ruff"
+.venv/bin/ruff check fcgipool tests bench
+echo "== pytest"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

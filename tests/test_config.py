@@ -1,0 +1,114 @@
+"""Configuration: file, environment and flags; errors name the key and the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import tomlkit
+
+from fcgipool import config
+from fcgipool.cli import _overrides
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fcgipool", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_defaults_are_valid_and_printed_as_commented_toml(tmp_path):
+    result = run_cli("config", "default")
+    assert result.returncode == 0
+    document = tomlkit.parse(result.stdout)
+    assert document["pool"]["workers"] == 2
+    assert "# Number of children." in result.stdout
+    path = tmp_path / "default.toml"
+    path.write_text(result.stdout)
+    assert config.build(path, environ={}) == config.Config()
+    check = run_cli("check-config", str(path))
+    assert check.returncode == 0 and "ok" in check.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[pool]\nworkers = 0\n", "pool.workers: Input should be greater than or equal to 1"),
+        ("[pool]\nwrokers = 3\n", "pool.wrokers: Extra inputs are not permitted"),
+        ('[pool]\nbind = ["http://x"]\n', "pool.bind.0: unknown address scheme 'http'"),
+        ('[pool]\nbind = ["tcp:localhost"]\n', "pool.bind.0: 'tcp:localhost' needs a port"),
+        ('[pool]\nsocket_mode = "rw"\n', "pool.socket_mode: 'rw' is not an octal file mode"),
+        ('[limits]\nmax_body_size = "lots"\n', "limits.max_body_size:"),
+        ("[child]\ncommand = []\n", "child.command: List should have at least 1 item"),
+        ("[timeouts]\nrequest = -1\n", "timeouts.request: Input should be greater than 0"),
+        ("[pool\n", "TOML syntax error"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    served = run_cli("serve", "-c", str(path))
+    assert served.returncode == 2 and expected in served.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    result = run_cli("check-config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+
+
+def test_precedence_defaults_file_environment_flags(tmp_path):
+    path = tmp_path / "pool.toml"
+    path.write_text('[pool]\nworkers = 3\n[limits]\nmax_waiting = 5\n[child]\nenv = {A = "1"}\n')
+    environ = {"FCGIPOOL_LIMITS__MAX_WAITING": "7", "FCGIPOOL_LOG__FORMAT": "json",
+               "FCGIPOOL_POOL__BIND": '["tcp:127.0.0.1:9001"]', "UNRELATED": "x"}
+    flags = _overrides(("unix:/tmp/a.sock",), 4, 12.5, None, ("B=2",), ("/bin/app", "-v"))
+    cfg = config.build(path, flags, environ)
+    assert cfg.pool.workers == 4  # flag over file
+    assert cfg.limits.max_waiting == 7  # environment over file
+    assert cfg.log.format == "json"
+    assert cfg.pool.bind == ["unix:/tmp/a.sock"]  # flag over environment
+    assert cfg.timeouts.request == 12.5
+    assert cfg.child.command == ["/bin/app", "-v"]
+    assert cfg.child.env == {"A": "1", "B": "2"}
+
+
+def test_environment_override_errors_name_the_key():
+    with pytest.raises(config.ConfigError) as error:
+        config.build(None, None, {"FCGIPOOL_POOL__WORKERS": "many"})
+    assert error.value.problems == [
+        "pool.workers: Input should be a valid integer, unable to parse string as an integer"
+    ]
+
+
+def test_sizes_accept_units():
+    cfg = config.build(None, {"limits": {"max_body_size": "2MiB", "body_buffer": "128KiB"}}, {})
+    assert cfg.limits.max_body_size == 2 * 2**20
+    assert cfg.limits.body_buffer == 128 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("unix:/run/p.sock", config.Address("unix", path="/run/p.sock")),
+        ("tcp:127.0.0.1:9000", config.Address("tcp", host="127.0.0.1", port=9000)),
+        ("tcp:[::1]:9000", config.Address("tcp", host="::1", port=9000)),
+        ("tcp::9000", config.Address("tcp", host="127.0.0.1", port=9000)),
+    ],
+)
+def test_addresses_parse_and_print(text, expected):
+    address = config.Address.parse(text)
+    assert address == expected
+    assert config.Address.parse(str(address)) == address
+
+
+def test_bad_flag_values_are_reported_without_traceback():
+    result = run_cli("serve", "--bind", "ftp:x", "--", "/bin/true")
+    assert result.returncode == 2
+    assert "pool.bind.0: unknown address scheme 'ftp'" in result.stderr
+    result = run_cli("serve", "--env", "NOEQUALS", "--", "/bin/true")
+    assert result.returncode == 2 and "KEY=VALUE" in result.stderr

@@ -1,0 +1,165 @@
+"""The happy path on the real thing: nginx → fcgipool → qgis_mapserv.fcgi."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+
+import pytest
+from PIL import Image
+
+from conftest import DEMO_PROJECT, free_port, qgis_config, wait_for
+from fcgipool import client
+
+WMS = "http://www.opengis.net/wms"
+
+
+def ows(**params: str) -> str:
+    query = {"MAP": str(DEMO_PROJECT), "SERVICE": "WMS", **params}
+    return "/ows?" + urllib.parse.urlencode(query)
+
+
+def fetch(url: str, data: bytes | None = None, timeout: float = 60) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def layer_names(xml: bytes) -> set[str]:
+    root = ET.fromstring(xml)
+    return {node.text for node in root.iter(f"{{{WMS}}}Name") if node.text}
+
+
+def capabilities_ok(body: bytes) -> None:
+    root = ET.fromstring(body)
+    assert root.tag == f"{{{WMS}}}WMS_Capabilities"
+    assert {"districts", "sites"} <= layer_names(body)
+
+
+def getmap_ok(body: bytes, size: int = 256) -> None:
+    image = Image.open(io.BytesIO(body))
+    image.load()
+    assert image.format == "PNG"
+    assert image.size == (size, size)
+    colors = image.convert("RGBA").getcolors(maxcolors=1 << 16)
+    assert colors is None or len(colors) > 10, "the map is blank"
+
+
+def getmap_url(size: int = 256) -> str:
+    return ows(VERSION="1.3.0", REQUEST="GetMap", LAYERS="districts,roads,sites",
+               CRS="EPSG:3857", BBOX=DEMO_BBOX, WIDTH=str(size), HEIGHT=str(size),
+               FORMAT="image/png", STYLES="")
+
+
+def demo_bbox() -> str:
+    """The demo project's extent in EPSG:3857, read from its own capabilities."""
+    import re
+    text = DEMO_PROJECT.read_text()
+    match = re.search(r"<WMSExtent[^>]*>\s*<value>([^<]+)</value>\s*<value>([^<]+)</value>\s*"
+                      r"<value>([^<]+)</value>\s*<value>([^<]+)</value>", text)
+    assert match, "demo.qgs has no WMSExtent"
+    return ",".join(value.strip() for value in match.groups())
+
+
+DEMO_BBOX = demo_bbox()
+
+
+@pytest.fixture
+def qgis_pool(pool_factory, workdir):
+    return pool_factory(qgis_config(workdir, limits={"max_waiting": 256}))
+
+
+def test_capabilities_map_and_post_through_nginx(qgis_pool, nginx_factory):
+    nginx = nginx_factory(qgis_pool.address)
+    status, headers, body = fetch(nginx.url(ows(REQUEST="GetCapabilities")))
+    assert status == 200 and "xml" in headers["Content-Type"]
+    capabilities_ok(body)
+    status, headers, body = fetch(nginx.url(getmap_url()))
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    getmap_ok(body)
+    form = urllib.parse.urlencode({"MAP": str(DEMO_PROJECT), "SERVICE": "WMS",
+                                   "REQUEST": "GetCapabilities"}).encode()
+    status, _, body = fetch(nginx.url("/ows"), data=form)
+    assert status == 200
+    capabilities_ok(body)
+
+
+def test_200_concurrent_requests_all_succeed(qgis_pool, nginx_factory):
+    nginx = nginx_factory(qgis_pool.address)
+    urls = [nginx.url(ows(REQUEST="GetCapabilities")) if i % 4 else nginx.url(getmap_url(64))
+            for i in range(200)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=200) as executor:
+        results = list(executor.map(fetch, urls))
+    failures = [(status, body[:300]) for status, _, body in results if status != 200]
+    assert not failures, (failures[:3], nginx.error_log(), qgis_pool.log()[-3000:])
+    for (_, _, body), url in zip(results, urls, strict=True):
+        if "GetMap" in url:
+            getmap_ok(body, 64)
+        else:
+            capabilities_ok(body)
+
+
+def test_kept_child_connection_survives_idle_time(qgis_pool):
+    """libfcgi drops a silent connection after ~2 s; the pool reconnects transparently."""
+    first = client.request(qgis_pool.address, ows(REQUEST="GetCapabilities"))
+    assert first.status == 200
+    time.sleep(3)  # the scenario itself: the kept connection sits idle past libfcgi's limit
+    second = client.request(qgis_pool.address, ows(REQUEST="GetCapabilities"))
+    assert second.status == 200
+    capabilities_ok(second.body)
+    assert "child_exited" not in qgis_pool.log()
+
+
+def test_through_tcp(pool_factory, workdir, nginx_factory):
+    port = free_port()
+    pool = pool_factory(qgis_config(workdir, bind=[f"tcp:127.0.0.1:{port}"]))
+    nginx = nginx_factory(f"127.0.0.1:{port}")
+    status, _, body = fetch(nginx.url(ows(REQUEST="GetCapabilities")))
+    assert status == 200
+    capabilities_ok(body)
+    direct = client.request(pool.address, getmap_url())
+    assert direct.status == 200
+    getmap_ok(direct.body)
+
+
+def test_socket_handed_over_by_systemd(pool_factory, workdir, nginx_factory):
+    path = workdir / "activated.sock"
+    config = qgis_config(workdir, bind=[f"unix:{workdir}/unused.sock"])
+    pool = pool_factory(config, ready=False,
+                        wrap=["systemd-socket-activate", "-l", str(path), "--"])
+    wait_for(path.exists, 20, "systemd-socket-activate to create the socket")
+    nginx = nginx_factory(f"unix:{path}")
+    status, _, body = fetch(nginx.url(ows(REQUEST="GetCapabilities")))
+    assert status == 200
+    capabilities_ok(body)
+    log = pool.log()
+    assert "sockets_inherited" in log
+    assert not (workdir / "unused.sock").exists()
+
+
+def test_request_command_prints_status_headers_and_body(qgis_pool, workdir):
+    out = subprocess.run(
+        [sys.executable, "-m", "fcgipool", "request", qgis_pool.address,
+         ows(REQUEST="GetCapabilities")],
+        capture_output=True, check=True, timeout=60,
+    ).stdout
+    head, _, body = out.partition(b"\n\n")
+    assert head.startswith(b"Status: 200")
+    assert b"Content-Type: text/xml" in head
+    capabilities_ok(body)
+    target = workdir / "map.png"
+    subprocess.run(
+        [sys.executable, "-m", "fcgipool", "request", qgis_pool.address, getmap_url(),
+         "-o", str(target)],
+        capture_output=True, check=True, timeout=60,
+    )
+    getmap_ok(target.read_bytes())
