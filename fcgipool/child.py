@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import enum
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -19,8 +20,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+import psutil
+
 from . import logs
-from .client import cgi_params
+from .client import cgi_params, response_status
 from .config import ChildSection
 from .protocol import (
     EndRequest,
@@ -29,6 +32,7 @@ from .protocol import (
     ResponseScanner,
     encode_record,
     encode_request,
+    stdout_content,
 )
 
 log = logs.get("fcgipool.child")
@@ -54,6 +58,7 @@ class Handler(Protocol):
         self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
     ) -> None:
         """Whole STDOUT/STDERR records as the child sent them, and END_REQUEST if it came."""
+
     def on_lost(self) -> None: ...
     def pause_sending(self) -> None: ...
     def resume_sending(self) -> None: ...
@@ -169,10 +174,16 @@ class _OutputLines(asyncio.Protocol):
 
 
 class Probe:
-    """A real request whose complete answer proves a child is free and alive."""
+    """A real request whose complete answer proves a child is free and alive.
 
-    def __init__(self, child: Child, timeout: float, done: Callable[[Child, bool], None]) -> None:
-        self.child, self.done = child, done
+    With ``check_status`` (warm-up requests) an answer of 500 or more is a failure too.
+    """
+
+    def __init__(
+        self, child: Child, timeout: float, done: Callable[[Child, bool], None], check_status: bool
+    ) -> None:
+        self.child, self.done, self.check_status = child, done, check_status
+        self.head = b""
         self.finished = False
         self.timer = asyncio.get_running_loop().call_later(timeout, self._finish, False)
 
@@ -185,8 +196,10 @@ class Probe:
     def on_output(
         self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
     ) -> None:
+        if self.check_status and len(self.head) < _MAX_LINE:
+            self.head += stdout_content(records, starts)
         if end is not None:
-            self._finish(True)
+            self._finish(not self.check_status or response_status(self.head) < 500)
 
     def on_lost(self) -> None:
         self._finish(False)
@@ -201,22 +214,25 @@ class Probe:
 class Child:
     """One FastCGI child: spawn it, connect to it, hand it requests, stop it."""
 
-    def __init__(self, slot: int, generation: int, section: ChildSection, runtime_dir: str):
-        self.slot = slot
+    def __init__(self, generation: int, section: ChildSection, runtime_dir: str):
+        self.generation = generation
         self.section = section
-        self.socket_path = os.path.join(runtime_dir, f"child-{slot}-{generation}.sock")
+        self.socket_path = os.path.join(runtime_dir, f"child-{generation}.sock")
         self.state = State.STARTING
         self.pid = 0
         self.popen: subprocess.Popen[bytes] | None = None
         self.connection: ChildConnection | None = None
         self.requests_served = 0
+        self.requests_limit = 0
         self.started_at = time.monotonic()
         self.stop_requested = False
         self.failure = False
+        self.retiring = ""  # why this child is being replaced; empty while it is not
+        self.warmups_done = 0
         self._readers: list[asyncio.Task[object]] = []
 
     def __repr__(self) -> str:
-        return f"<Child slot={self.slot} pid={self.pid} {self.state.value}>"
+        return f"<Child {self.generation} pid={self.pid} {self.state.value}>"
 
     # ------------------------------------------------------------------ life cycle
 
@@ -225,6 +241,12 @@ class Child:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        identity = {}
+        if self.section.user:
+            identity = {"user": self.section.user, "extra_groups": []}
+            identity["group"] = self.section.group or pwd.getpwnam(self.section.user).pw_gid
+        elif self.section.group:
+            identity = {"group": self.section.group}
         try:
             listener.bind(self.socket_path)
             listener.listen(self.section.backlog)
@@ -237,6 +259,7 @@ class Child:
                 env=env,
                 close_fds=True,
                 preexec_fn=_set_parent_death_signal,
+                **identity,
             )
         finally:
             listener.close()
@@ -249,10 +272,17 @@ class Child:
                 loop.create_task(loop.connect_read_pipe(lambda p=protocol: p, pipe))
             )
 
-    def start_probe(self, timeout: float, done: Callable[[Child, bool], None]) -> None:
-        """Send the readiness probe on a fresh connection; ``done(child, ok)`` follows."""
-        probe = Probe(self, timeout, done)
-        request = encode_request(1, probe_params(self.section.probe_uri), keep_conn=True)
+    def start_probe(
+        self,
+        timeout: float,
+        done: Callable[[Child, bool], None],
+        uri: str | None = None,
+    ) -> None:
+        """Send a probe (or, with ``uri``, a warm-up request) on a fresh connection;
+        ``done(child, ok)`` follows."""
+        probe = Probe(self, timeout, done, check_status=uri is not None)
+        params = probe_params(uri if uri is not None else self.section.probe_uri)
+        request = encode_request(1, params, keep_conn=True)
         asyncio.get_running_loop().create_task(self._connect_then(probe, request))
 
     async def _connect_then(self, handler: Handler, data: bytes) -> None:
@@ -307,13 +337,23 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
-    def stop(self) -> None:
-        """Ask the child to exit; a death by any signal after this is a normal stop."""
+    def stop(self, grace: float, failure: bool = False) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds if it still lives. A death by any
+        signal after this is a normal stop unless ``failure``."""
+        if self.state is State.DEAD:
+            return
         self.stop_requested = True
+        self.failure = self.failure or failure
         self.state = State.STOPPING
         if self.connection is not None:
             self.connection.close()
         self.send_signal(signal.SIGTERM)
+        asyncio.get_running_loop().call_later(grace, self._kill_if_alive)
+
+    def _kill_if_alive(self) -> None:
+        if self.state is not State.DEAD:
+            log.warning("child_kill", pid=self.pid, reason="still alive after SIGTERM")
+            self.send_signal(signal.SIGKILL)
 
     def kill(self, failure: bool) -> None:
         """SIGKILL; with ``failure`` the death counts as a failure, not a normal stop."""
@@ -340,10 +380,17 @@ class Child:
             os.unlink(self.socket_path)
 
     def abandon(self) -> None:
-        """The current request is given up (client gone, body too large): tell the child,
-        drop the connection; the child is free again only once a probe is answered."""
+        """The current request is given up (timeout, client gone): tell the child, drop the
+        connection; the child is free again only once a probe is answered."""
         connection, self.connection = self.connection, None
         if connection is not None and not connection.closed:
             connection.write(encode_record(RecordType.ABORT_REQUEST, 1))
             connection.close()
         self.state = State.RECOVERING
+
+    def rss(self) -> int:
+        """Resident memory in bytes (0 when it cannot be read)."""
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except (psutil.Error, ValueError):
+            return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -57,13 +58,20 @@ def _overrides(
     return result
 
 
-def _load(path: str | None, overrides: dict[str, Any]) -> config_module.Config:
+def _load(
+    path: str | None, overrides: dict[str, Any], euid: int | None = None
+) -> config_module.Config:
+    """The validated config, or exit 2 listing every problem as `key.path: reason`."""
     try:
-        return config_module.build(path, overrides)
+        cfg = config_module.build(path, overrides)
+        problems = config_module.runtime_problems(cfg, os.geteuid() if euid is None else euid)
     except config_module.ConfigError as error:
-        for problem in error.problems:
+        problems = error.problems
+    if problems:
+        for problem in problems:
             click.echo(problem, err=True)
         sys.exit(EXIT_CONFIG)
+    return cfg
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -86,8 +94,9 @@ def serve(
     command: tuple[str, ...],
 ) -> None:
     """Run a pool: fcgipool serve [OPTIONS] [-- COMMAND ARGS...]"""
-    cfg = _load(config_path, _overrides(bind, workers, timeout, control, env, command))
-    logs.configure(cfg.log.format, cfg.log.level)
+    overrides = _overrides(bind, workers, timeout, control, env, command)
+    cfg = _load(config_path, overrides)
+    logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
     from .supervisor import Pool
 
     try:
@@ -97,7 +106,7 @@ def serve(
     except ImportError:
         runner = asyncio.run
     try:
-        code = runner(Pool(cfg).run())
+        code = runner(Pool(cfg, config_path, overrides).run())
     except OSError as error:
         logs.get("fcgipool").error("startup_failed", error=str(error))
         sys.exit(1)
@@ -108,7 +117,7 @@ def serve(
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
     """Validate a config file: exit 0 when valid, else 2 with `key.path: reason` lines."""
-    _load(path, {})
+    _load(path, {}, euid=1)  # whoever will run it: the root rule is checked at start
     click.echo(f"{path}: ok")
 
 
@@ -121,6 +130,12 @@ def config_group() -> None:
 def config_default() -> None:
     """Print the full default configuration as commented TOML."""
     click.echo(config_module.default_toml(), nl=False)
+
+
+@config_group.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown), as in docs/configuration.md."""
+    click.echo(config_module.reference_markdown())
 
 
 @main.command("request")

@@ -115,6 +115,12 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     return status, headers
 
 
+def response_status(head: bytes) -> int:
+    """The status of a CGI response from its first bytes; 0 when the head is incomplete."""
+    parts = split_head(head)
+    return parse_head(parts[0])[0] if parts is not None else 0
+
+
 def request(
     address: str | Address,
     uri: str,

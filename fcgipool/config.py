@@ -102,6 +102,22 @@ class PoolSection(_Section):
         description="Group of unix pool sockets, e.g. www-data so nginx workers can connect.",
     )
     workers: int = Field(default=2, ge=1, le=4096, description="Number of children.")
+    max_recycling: int = Field(
+        default=1,
+        ge=1,
+        description="Children replaced at once when recycling or reloading. A replacement is "
+        "ready before the child it replaces stops, so capacity never drops.",
+    )
+    max_failure_pressure: float = Field(
+        default=2.0,
+        gt=0,
+        description="Failures (crashes, kills after a timeout, failed starts) within "
+        "failure_window, divided by workers. Above it the pool exits with code 3 so that "
+        "systemd or Kubernetes can replace it.",
+    )
+    failure_window: Seconds = Field(
+        default=60.0, description="Seconds over which failures count towards the pressure."
+    )
     runtime_dir: str = Field(
         default="",
         description="Where the private directory (mode 0700) for the children's sockets is "
@@ -154,6 +170,45 @@ class ChildSection(_Section):
         description="First delay before a dead child is started again; doubles "
         "on each failure in a row up to 30 s.",
     )
+    warmup: list[str] = Field(
+        default_factory=list,
+        description="URIs requested in turn on every new child after its probe and before it "
+        "takes traffic (e.g. GetCapabilities of pinned projects). An answer of 500 or more "
+        "is a failed start.",
+    )
+    user: str = Field(
+        default="",
+        description="User the children run as when the pool starts as root.",
+    )
+    group: str = Field(
+        default="", description="Group the children run as; empty means the user's own group."
+    )
+    allow_root: bool = Field(
+        default=False,
+        description="Let children run as root when the pool runs as root and no user is set. "
+        "Off by default: a pool started as root refuses to run its children as root.",
+    )
+    max_requests: int = Field(
+        default=0, ge=0, description="Recycle a child after this many requests; 0 is never."
+    )
+    max_requests_jitter: int = Field(
+        default=0,
+        ge=0,
+        description="Add a random 0..N to max_requests per child, so children do not all "
+        "recycle at once.",
+    )
+    max_rss: ByteSize = Field(
+        default=ByteSize(0),
+        ge=0,
+        description="Recycle a child whose resident memory exceeds this; 0 is never. Checked "
+        "between requests, every rss_interval seconds.",
+    )
+    rss_interval: Seconds = Field(
+        default=5.0, description="Seconds between memory checks of the children."
+    )
+    max_lifetime: float = Field(
+        default=0.0, ge=0, description="Recycle a child older than this many seconds; 0 is never."
+    )
 
 
 class LimitsSection(_Section):
@@ -200,6 +255,14 @@ class TimeoutsSection(_Section):
         description="Seconds a child may spend on one request. Keep the web server's own "
         "timeout (nginx fastcgi_read_timeout) above it.",
     )
+    cancel: Seconds = Field(
+        default=5.0,
+        description="After a request is cancelled (timeout, client gone), seconds the child "
+        "has to show it is free by answering a probe; then SIGTERM.",
+    )
+    kill_grace: Seconds = Field(
+        default=3.0, description="Seconds between SIGTERM and SIGKILL for a child that must go."
+    )
     shutdown_grace_period: Seconds = Field(
         default=30.0, description="On SIGTERM, seconds given to requests in flight."
     )
@@ -212,6 +275,9 @@ class LogSection(_Section):
     )
     child_output: bool = Field(
         default=True, description="Log the children's stdout and stderr lines."
+    )
+    file: str = Field(
+        default="", description="Log to this file instead of stderr; SIGUSR1 reopens it."
     )
 
 
@@ -298,6 +364,33 @@ def build(
         raise ConfigError([_describe(item) for item in error.errors()]) from None
 
 
+def runtime_problems(cfg: Config, euid: int) -> list[str]:
+    """Checks that depend on the machine: users and groups exist, root needs a child user."""
+    import grp
+    import pwd
+
+    problems = []
+    for key, name, lookup in (
+        ("child.user", cfg.child.user, pwd.getpwnam),
+        ("child.group", cfg.child.group, grp.getgrnam),
+        ("pool.socket_owner", cfg.pool.socket_owner, pwd.getpwnam),
+        ("pool.socket_group", cfg.pool.socket_group, grp.getgrnam),
+    ):
+        if name:
+            try:
+                lookup(name)
+            except KeyError:
+                problems.append(f"{key}: no such user or group {name!r}")
+    if euid == 0 and not cfg.child.user and not cfg.child.allow_root:
+        problems.append(
+            "child.user: the pool runs as root; name a user for the children "
+            "(or set child.allow_root = true to run them as root)"
+        )
+    if euid != 0 and (cfg.child.user or cfg.child.group):
+        problems.append("child.user: switching user needs the pool to start as root")
+    return problems
+
+
 def _describe(item: Mapping[str, Any]) -> str:
     path = ".".join(str(part) for part in item["loc"]) or "(top level)"
     message = item["msg"].removeprefix("Value error, ")
@@ -336,3 +429,30 @@ def _wrap(text: str, width: int = 92) -> list[str]:
         else:
             line = f"{line} {word}".strip()
     return [*lines, line] if line else lines
+
+
+def reference_markdown() -> str:
+    """The configuration reference for docs/configuration.md, made from the schema."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `fcgipool config reference`; a test fails when this file drifts. -->",
+        "",
+        "fcgipool reads one TOML file (`fcgipool serve -c FILE`, `fcgipool check-config FILE`).",
+        "Every key can also be set from the environment as `FCGIPOOL_<SECTION>__<KEY>`",
+        "(for example `FCGIPOOL_LIMITS__MAX_WAITING=10`; the value is read as TOML when it is",
+        "valid TOML, else as a string), and some from command-line flags. Precedence, lowest",
+        "first: defaults, file, environment, flags. Sizes accept units (`64MiB`, `512KiB`).",
+        "",
+    ]
+    defaults = Config().model_dump(mode="json")
+    for section, field in Config.model_fields.items():
+        lines += [f"## [{section}]", "", field.description or "", ""]
+        lines += ["| key | default | meaning |", "|---|---|---|"]
+        model = field.annotation
+        for key, subfield in model.model_fields.items():  # type: ignore[union-attr]
+            default = tomlkit.item(defaults[section][key]).as_string()
+            text = (subfield.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{default}` | {text} |")
+        lines.append("")
+    return "\n".join(lines)

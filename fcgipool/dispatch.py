@@ -29,19 +29,25 @@ class Dispatcher:
         self.rejected = 0
         self.expired = 0
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request, first: bool = False) -> None:
+        """Start ``request`` on an idle child, else queue it. ``first`` puts a request that
+        is being retried at the head of the queue, past the bound: it was admitted before."""
         if self.idle:
             request.start(self.idle.pop())
             return
+        if first:
+            self.waiting.appendleft(request)
+            return
         if len(self.waiting) >= self.limits.max_waiting:
             self.rejected += 1
-            log.warning("queue_full", waiting=len(self.waiting), uri=_uri(request))
+            log.warning("queue_full", waiting=len(self.waiting), uri=request.uri)
             self._unavailable(request, b"All children are busy and the queue is full\n")
             return
         self.waiting.append(request)
-        request.queue_timer = asyncio.get_running_loop().call_later(
-            self.limits.queue_timeout, self._expire, request
-        )
+        if request.queue_timer is None:
+            request.queue_timer = asyncio.get_running_loop().call_later(
+                self.limits.queue_timeout, self._expire, request
+            )
 
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the oldest waiting request, else keep it."""
@@ -72,12 +78,8 @@ class Dispatcher:
         request.queue_timer = None
         self.withdraw(request)
         self.expired += 1
-        log.warning("queue_timeout", uri=_uri(request), seconds=self.limits.queue_timeout)
+        log.warning("queue_timeout", uri=request.uri, seconds=self.limits.queue_timeout)
         self._unavailable(request, b"No child became free in time\n")
 
     def _unavailable(self, request: Request, body: bytes) -> None:
         request.respond(503, body, (("Retry-After", str(self.limits.retry_after)),))
-
-
-def _uri(request: Request) -> str:
-    return request.params.get(b"REQUEST_URI", b"").decode("latin-1")

@@ -491,6 +491,16 @@ class ResponseScanner:
         return (buffer[:pos] if pos < end else buffer), starts, has_output, finished
 
 
+def stdout_content(records: bytes, starts: list[int]) -> bytes:
+    """The STDOUT bytes carried by whole ``records`` (as returned by ResponseScanner)."""
+    parts = []
+    for start in starts:
+        if records[start + 1] == RecordType.STDOUT:
+            length = (records[start + 4] << 8) | records[start + 5]
+            parts.append(records[start + 8 : start + 8 + length])
+    return b"".join(parts)
+
+
 def retag(records: bytes, starts: list[int], request_id: int) -> bytes:
     """``records`` with the request id of every header (at ``starts``) set to ``request_id``."""
     out = bytearray(records)

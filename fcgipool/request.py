@@ -4,10 +4,16 @@ The request relays in both directions with flow control: body bytes wait in a bo
 buffer until a child takes the request, then stream as they arrive; response bytes stream
 back while the front-end connection keeps up, and the child is read more slowly when not.
 
-A kept child connection can be closed by the child just as the next request is written on
-it: libfcgi reads ahead while it drains the previous request and throws the new request
-away with its buffer. Such a request never started, so it is replayed once on a fresh
-connection to the same child (a dead child refuses the connection and the client gets 502).
+Until the first response byte, what was sent to the child is kept (up to ``body_buffer``
+bytes) so the request can be sent again:
+
+- on the same child, once, when it closed a *kept* connection without answering: libfcgi
+  reads ahead while it drains the previous request and throws the new one away with its
+  buffer, so that request never started (a dead child refuses the new connection);
+- on another child, once, when the child failed before answering and the method is GET or
+  HEAD, which are safe to repeat.
+
+Past the request timeout the web server gets a 504 at once and the child is cancelled.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
+from . import logs
 from .child import State as ChildState
 from .protocol import (
     EndRequest,
@@ -34,8 +41,11 @@ if TYPE_CHECKING:
     from .frontend import FrontConnection
     from .supervisor import Pool
 
+log = logs.get("fcgipool.request")
+
 CHILD_REQUEST_ID = 1
 _STDIN_END = encode_record(RecordType.STDIN, CHILD_REQUEST_ID)
+_REPEATABLE = (b"GET", b"HEAD")
 
 
 class Phase(enum.Enum):
@@ -50,9 +60,11 @@ class Request:
     __slots__ = (
         "_pending",
         "_pending_size",
-        "_replay",
-        "_replay_size",
         "_replayed",
+        "_retried",
+        "_reused",
+        "_sent",
+        "_sent_size",
         "body_done",
         "body_size",
         "child",
@@ -67,6 +79,7 @@ class Request:
         "raw_params",
         "request_id",
         "response_started",
+        "timer",
     )
 
     def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, pool: Pool):
@@ -78,21 +91,27 @@ class Request:
         self.raw_params = b""
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._replay: list[bytes] | None = None
-        self._replay_size = 0
+        self._sent: list[bytes] | None = None
+        self._sent_size = 0
+        self._reused = False
         self._replayed = False
+        self._retried = False
         self.body_size = 0
         self.body_done = False
         self.child: Child | None = None
         self.connection: ChildConnection | None = None
         self.phase = Phase.RECEIVING
         self.queue_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.response_started = False
         self.created = time.monotonic()
 
     def __repr__(self) -> str:
-        uri = self.params.get(b"REQUEST_URI", b"?").decode("latin-1")
-        return f"<Request {self.request_id} {self.phase.value} {uri}>"
+        return f"<Request {self.request_id} {self.phase.value} {self.uri}>"
+
+    @property
+    def uri(self) -> str:
+        return self.params.get(b"REQUEST_URI", b"").decode("latin-1")
 
     # ------------------------------------------------------------ from the web server
 
@@ -102,6 +121,10 @@ class Request:
         if length.isdigit() and int(length) > self.pool.config.limits.max_body_size:
             self.respond(413, b"Request body too large\n")
             return
+        head = encode_begin_request(
+            CHILD_REQUEST_ID, keep_conn=self.pool.config.child.keep_conn
+        ) + encode_params(CHILD_REQUEST_ID, raw)
+        self._pending.append(head)
         self.phase = Phase.QUEUED
         self.pool.dispatcher.submit(self)
 
@@ -110,6 +133,8 @@ class Request:
             if not data:
                 self.body_done = True
                 self.front.request_finished(self)
+            return
+        if self.body_done:  # nothing may follow the end of the body
             return
         if data:
             self.body_size += len(data)
@@ -123,11 +148,7 @@ class Request:
             record = _STDIN_END
         if self.connection is not None:
             self.connection.write(record)
-            if self._replay is not None:
-                self._replay.append(record)
-                self._replay_size += len(record)
-                if self._replay_size > self.pool.config.limits.body_buffer:
-                    self._replay = None
+            self._keep_sent(record)
             return
         self._pending.append(record)
         self._pending_size += len(record)
@@ -146,11 +167,6 @@ class Request:
         """The dispatcher gives this request a free child."""
         self.child = child
         child.state = ChildState.BUSY
-        keep = self.pool.config.child.keep_conn
-        head = encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) + encode_params(
-            CHILD_REQUEST_ID, self.raw_params
-        )
-        self._pending.insert(0, head)
         connection = child.usable_connection()
         if connection is not None:
             self._attach(connection, reused=True)
@@ -175,21 +191,35 @@ class Request:
     def _attach(self, connection: ChildConnection, reused: bool) -> None:
         self.connection = connection
         self.phase = Phase.RUNNING
+        self._reused = reused
         connection.handler = self
         data = b"".join(self._pending)
         connection.write(data)
         self._pending.clear()
         self._pending_size = 0
-        if reused and not self._replayed:
-            self._replay, self._replay_size = [data], len(data)
+        self._sent, self._sent_size = None, 0
+        if not self.response_started:
+            self._sent = []
+            self._keep_sent(data)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(
+                self.pool.config.timeouts.request, self._timed_out
+            )
         self.front.release_reading(self)
+
+    def _keep_sent(self, data: bytes) -> None:
+        if self._sent is not None:
+            self._sent.append(data)
+            self._sent_size += len(data)
+            if self._sent_size > self.pool.config.limits.body_buffer:
+                self._sent = None
 
     def on_output(
         self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
     ) -> None:
         if has_output and not self.response_started:
             self.response_started = True
-            self._replay = None
+            self._sent = None
         if self.request_id != CHILD_REQUEST_ID:
             records = retag(records, starts, self.request_id)
         self.front.write(records)
@@ -204,11 +234,22 @@ class Request:
         if self.phase is Phase.DONE:
             return
         child = self.child
-        if self._replay is not None and child is not None and child.state is ChildState.BUSY:
-            self._pending[:0] = self._replay
-            self._replay, self._replayed = None, True
-            self.connection = None
+        sent, self._sent = self._sent, None
+        same_child = child is not None and child.state is ChildState.BUSY
+        if sent is not None and self._reused and not self._replayed and same_child:
+            self._replayed = True
+            self._resend(sent)
             self._connect_later(child)
+            return
+        if sent is not None and not self._retried and self._repeatable():
+            self._retried = True
+            log.info("request_retried", uri=self.uri, pid=child.pid if child else 0)
+            self._resend(sent)
+            self.child = None
+            if child is not None:
+                self.pool.recover(child)
+            self.phase = Phase.QUEUED
+            self.pool.dispatcher.submit(self, first=True)
             return
         if self.response_started:
             self.front.abort("child connection lost mid-response")
@@ -217,6 +258,29 @@ class Request:
             self.respond(502, b"The FastCGI child failed before answering\n")
         if child is not None:
             self.pool.recover(child)
+
+    def _resend(self, sent: list[bytes]) -> None:
+        self._pending[:0] = sent
+        self._pending_size += sum(map(len, sent))
+        self.connection = None
+
+    def _repeatable(self) -> bool:
+        return self.params.get(b"REQUEST_METHOD", b"GET") in _REPEATABLE
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.phase is Phase.DONE:
+            return
+        seconds = self.pool.config.timeouts.request
+        child = self.child
+        log.warning("request_timeout", uri=self.uri, pid=child.pid if child else 0, seconds=seconds)
+        self.pool.timed_out += 1
+        self.give_up()
+        if self.response_started:
+            self.front.abort("request timeout in the middle of the response")
+            self._finish()
+        else:
+            self.respond(504, f"The request took longer than {seconds:g} s\n".encode())
 
     def pause_sending(self) -> None:
         self.front.hold_reading(self)
@@ -253,14 +317,17 @@ class Request:
                 self.connection = None
             if self.phase is Phase.RUNNING:
                 self.pool.recover(child)
-            self.phase = Phase.QUEUED  # so _connect sees the change
+            self.phase = Phase.QUEUED  # so a connect in progress sees the change
 
     def _finish(self) -> None:
         if self.queue_timer is not None:
             self.queue_timer.cancel()
             self.queue_timer = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.phase = Phase.DONE
         self.connection = None
         self._pending.clear()
-        self._replay = None
+        self._sent = None
         self.front.request_finished(self)

@@ -1,22 +1,31 @@
 """The pool: one asyncio loop that owns the sockets, the children and their life cycle.
 
-Spawn, probe until ready, hand out, recover after an abandoned request, reap (one reaper:
-SIGCHLD + waitpid(-1), which also collects orphans we adopted as a subreaper), respawn with
-backoff, stop gracefully. Modelled on gunicorn's arbiter: one method per signal.
+Spawn, probe and warm up until ready, hand out, recover after an abandoned request, reap
+(one reaper: SIGCHLD + waitpid(-1), which also collects orphans adopted as a subreaper),
+respawn with backoff, recycle, reload, stop. Failures (crashes, kills after a timeout,
+failed starts) within a window, over the number of workers, make the failure pressure;
+above its limit the pool exits with code 3 so that systemd or Kubernetes replaces it.
+Modelled on gunicorn's arbiter: one ``handle_*`` method per signal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
+from typing import Any
 
+from . import config as config_module
 from . import logs, systemd
 from .child import Child, State, child_environment
 from .config import Config
@@ -25,9 +34,9 @@ from .frontend import FrontConnection, bind
 
 log = logs.get("fcgipool.supervisor")
 
+EXIT_PRESSURE = 3
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_BACKOFF = 30.0
-_STOP_WAIT = 10.0
 
 
 def _become_subreaper() -> None:
@@ -43,22 +52,37 @@ def describe_status(status: int) -> str:
 
 
 class Pool:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
         self.dispatcher = Dispatcher(config.limits)
         self.connections: set[FrontConnection] = set()
-        self.slots: dict[int, Child] = {}
+        self.children: list[Child] = []
         self.by_pid: dict[int, Child] = {}
-        self.failures_in_a_row: dict[int, int] = {}
-        self.generation = 0
+        self.stale: list[Child] = []  # children a reload has yet to replace
+        self.generation = 0  # children spawned so far
+        self.reloads = 0
+        self.failures: collections.deque[float] = collections.deque()
+        self.failures_in_a_row = 0
+        self.next_spawn_at = 0.0
+        self.respawn_timer: asyncio.TimerHandle | None = None
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.timed_out = 0
+        self.scaled = False
         self.stopping = False
         self.ready_announced = False
         self.runtime_dir = ""
         self.servers: list[asyncio.AbstractServer] = []
-        self.listen_sockets: list[socket.socket] = []
         self.unix_paths: list[str] = []
         self.child_env = child_environment(config.child, os.environ)
         self.exit_code = 0
+        self.started_at = time.monotonic()
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -70,14 +94,15 @@ class Pool:
         self._install_signals(loop)
         _become_subreaper()
         self.runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
+        tasks = []
         try:
             await self._listen(loop)
-            for slot in range(self.config.pool.workers):
-                self._spawn(slot)
-            sweeper = loop.create_task(self._sweep())
+            self.reconcile()
+            tasks = [loop.create_task(self._sweep()), loop.create_task(self._watch_children())]
             await self._stopped
-            sweeper.cancel()
         finally:
+            for task in tasks:
+                task.cancel()
             self._unlink_sockets()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("pool_stopped", exit_code=self.exit_code)
@@ -93,11 +118,12 @@ class Pool:
             log.info("sockets_inherited", count=len(sockets))
         else:
             pool = self.config.pool
+            addresses = self.config.addresses
             sockets = [
                 bind(address, self.config.socket_mode(), pool.socket_owner, pool.socket_group)
-                for address in self.config.addresses
+                for address in addresses
             ]
-            self.unix_paths = [a.path for a in self.config.addresses if a.kind == "unix"]
+            self.unix_paths = [address.path for address in addresses if address.kind == "unix"]
         for sock in sockets:
             sock.setblocking(False)
             if sock.family == socket.AF_UNIX:
@@ -106,7 +132,6 @@ class Pool:
                 server = await loop.create_server(lambda: FrontConnection(self), sock=sock)
             self.servers.append(server)
             log.info("listening", address=_sockname(sock))
-        self.listen_sockets = sockets
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {
@@ -114,66 +139,158 @@ class Pool:
             signal.SIGTERM: self.handle_term,
             signal.SIGINT: self.handle_term,
             signal.SIGQUIT: self.handle_quit,
+            signal.SIGHUP: self.handle_hup,
+            signal.SIGUSR1: self.handle_usr1,
             signal.SIGTTIN: self.handle_ttin,
             signal.SIGTTOU: self.handle_ttou,
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
-        for signum in (signal.SIGHUP, signal.SIGUSR1):  # reload / reopen come with supervision
-            loop.add_signal_handler(signum, lambda s=signum: log.info("signal_ignored", signal=s))
 
     async def _sweep(self) -> None:
         """Once a second: close connections that stall mid-request."""
-        read_timeout = self.config.limits.read_timeout
         while True:
             await asyncio.sleep(1.0)
+            read_timeout = self.config.limits.read_timeout
             now = time.monotonic()
             for connection in list(self.connections):
                 if connection.stalled_since(now) > read_timeout:
                     connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
 
+    async def _watch_children(self) -> None:
+        """Every rss_interval: recycle children past max_rss or max_lifetime."""
+        while True:
+            await asyncio.sleep(self.config.child.rss_interval)
+            section = self.config.child
+            now = time.monotonic()
+            for child in list(self.children):
+                if child.retiring or child.state not in (State.IDLE, State.BUSY):
+                    continue
+                if section.max_lifetime and now - child.started_at > section.max_lifetime:
+                    self.recycle(child, "max_lifetime")
+                elif section.max_rss and child.rss() > section.max_rss:
+                    self.recycle(child, "max_rss")
+
     # ------------------------------------------------------------------ children
 
-    def _spawn(self, slot: int) -> None:
-        if self.stopping:
+    def _active(self) -> list[Child]:
+        return [child for child in self.children if not child.retiring]
+
+    def _ready_active(self) -> int:
+        return sum(child.state in (State.IDLE, State.BUSY) for child in self._active())
+
+    def _retiring(self) -> int:
+        return sum(1 for child in self.children if child.retiring)
+
+    def reconcile(self) -> None:
+        """Start children until ``workers`` are active (not being replaced), respecting the
+        respawn backoff; and let a pending reload replace its next batch."""
+        if self.stopping or self._loop is None:
             return
+        limit = self.config.pool.max_recycling
+        while self.stale and self._retiring() < limit:
+            child = self.stale.pop(0)
+            if child in self.children and not child.retiring and child.state is not State.DEAD:
+                child.retiring = "reload"
+                log.info("child_retiring", pid=child.pid, reason="reload")
+        missing = self.config.pool.workers - len(self._active())
+        if missing <= 0:
+            self._retire_surplus()
+            return
+        delay = self.next_spawn_at - time.monotonic()
+        if delay > 0:
+            if self.respawn_timer is None:
+                log.info("respawn_delayed", seconds=round(delay, 2))
+                self.respawn_timer = self._loop.call_later(delay, self._respawn_due)
+            return
+        for _ in range(missing):
+            self._spawn()
+
+    def _respawn_due(self) -> None:
+        self.respawn_timer = None
+        self.reconcile()
+
+    def _spawn(self) -> None:
         self.generation += 1
-        child = Child(slot, self.generation, self.config.child, self.runtime_dir)
-        self.slots[slot] = child
+        section = self.config.child
+        child = Child(self.generation, section, self.runtime_dir)
+        if section.max_requests:
+            child.requests_limit = section.max_requests + random.randint(
+                0, section.max_requests_jitter
+            )
+        self.children.append(child)
         try:
             child.spawn(self.child_env, self.config.log.child_output)
-        except OSError as error:
-            log.error("child_spawn_failed", slot=slot, error=str(error))
+        except (OSError, subprocess.SubprocessError) as error:
+            log.error("child_spawn_failed", error=str(error))
             child.state = State.DEAD
-            self._respawn_later(slot, failed=True)
+            self.children.remove(child)
+            self._failure("spawn failed")
+            self.reconcile()
             return
         self.by_pid[child.pid] = child
-        log.info("child_started", pid=child.pid, slot=slot)
-        child.start_probe(self.config.child.start_timeout, self._probe_done)
+        log.info("child_started", pid=child.pid)
+        child.start_probe(section.start_timeout, self._started)
 
-    def _probe_done(self, child: Child, ok: bool) -> None:
-        if child.state not in (State.STARTING, State.RECOVERING):
+    def _started(self, child: Child, ok: bool) -> None:
+        """A probe or warm-up answer of a starting child arrived (or failed)."""
+        if child.state is not State.STARTING:
             return
         if not ok:
-            log.warning("child_probe_failed", pid=child.pid, state=child.state.value)
-            child.kill(failure=True)
+            log.warning("child_start_failed", pid=child.pid, warmups_done=child.warmups_done)
+            child.stop(self.config.timeouts.kill_grace, failure=True)
             return
-        if child.state is State.STARTING:
-            elapsed = time.monotonic() - child.started_at
-            log.info("child_ready", pid=child.pid, seconds=round(elapsed, 3))
-            self.failures_in_a_row[child.slot] = 0
-        child.state = State.IDLE
-        self.dispatcher.child_idle(child)
+        warmup = child.section.warmup
+        if child.warmups_done < len(warmup):
+            uri = warmup[child.warmups_done]
+            child.warmups_done += 1
+            child.start_probe(child.section.start_timeout, self._started, uri=uri)
+            return
+        log.info(
+            "child_ready", pid=child.pid, seconds=round(time.monotonic() - child.started_at, 3)
+        )
+        self.failures_in_a_row = 0
+        self._child_free(child)
+        self._retire_surplus()
         self._announce_ready()
 
     def _announce_ready(self) -> None:
-        if self.ready_announced:
+        if self.ready_announced or self._ready_active() < self.config.pool.workers:
             return
-        ready = sum(child.state in (State.IDLE, State.BUSY) for child in self.slots.values())
-        if ready >= self.config.pool.workers:
-            self.ready_announced = True
-            log.info("pool_ready", workers=ready)
-            systemd.notify(f"READY=1\nSTATUS=serving with {ready} children")
+        self.ready_announced = True
+        log.info("pool_ready", workers=self._ready_active())
+        systemd.notify(f"READY=1\nSTATUS=serving with {self._ready_active()} children")
+
+    def _child_free(self, child: Child) -> None:
+        """``child`` can take a request: give it one, or stop it if it is being replaced
+        and its replacements are ready."""
+        if child.retiring and (self.stopping or self._ready_active() >= self.config.pool.workers):
+            self._retire(child)
+            return
+        child.state = State.IDLE
+        self.dispatcher.child_idle(child)
+
+    def _retire_surplus(self) -> None:
+        """Stop the children being replaced once enough replacements are ready."""
+        if self._ready_active() < self.config.pool.workers:
+            return
+        for child in list(self.children):
+            if child.retiring and child.state in (State.IDLE, State.STARTING, State.RECOVERING):
+                self._retire(child)
+
+    def _retire(self, child: Child) -> None:
+        self.dispatcher.forget(child)
+        log.info("child_retired", pid=child.pid, reason=child.retiring)
+        child.stop(self.config.timeouts.kill_grace)
+
+    def recycle(self, child: Child, reason: str) -> None:
+        """Replace ``child``: a replacement starts now; the child serves until it is ready."""
+        if child.retiring or self.stopping or self._retiring() >= self.config.pool.max_recycling:
+            return
+        child.retiring = reason
+        self.restarts[reason] += 1
+        log.info("child_recycling", pid=child.pid, reason=reason)
+        self.reconcile()
 
     def child_done(self, child: Child, served: bool) -> None:
         """A request on ``child`` ended cleanly: the child is free for the next one."""
@@ -183,19 +300,32 @@ class Pool:
             return
         if not self.config.child.keep_conn and child.connection is not None:
             child.connection.close()
-        child.state = State.IDLE
-        self.dispatcher.child_idle(child)
+        if child.requests_limit and child.requests_served >= child.requests_limit:
+            self.recycle(child, "max_requests")
+        self._child_free(child)
         if self.stopping:
             self._maybe_finish_drain()
 
     def recover(self, child: Child) -> None:
-        """A request was abandoned on ``child``: it is free again once a probe is answered."""
+        """A request was abandoned on ``child``: it is free again once a probe is answered
+        within the cancel timeout; else it is stopped, and that counts as a failure."""
         if child.state in (State.DEAD, State.STOPPING, State.RECOVERING):
             return
         self.dispatcher.forget(child)
         child.abandon()
-        log.info("child_recovering", pid=child.pid)
-        child.start_probe(self.config.child.start_timeout, self._probe_done)
+        log.info("child_cancelling", pid=child.pid)
+        child.start_probe(self.config.timeouts.cancel, self._recovered)
+
+    def _recovered(self, child: Child, ok: bool) -> None:
+        if child.state is not State.RECOVERING:
+            return
+        if ok:
+            log.info("child_recovered", pid=child.pid)
+            self._child_free(child)
+            return
+        log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
+        self.restarts["cancel_failed"] += 1
+        child.stop(self.config.timeouts.kill_grace, failure=True)
 
     def handle_chld(self) -> None:
         """The one reaper: every exit status is collected here, children's and orphans'."""
@@ -213,51 +343,99 @@ class Pool:
             self._child_exited(child, status)
 
     def _child_exited(self, child: Child, status: int) -> None:
-        expected = child.stop_requested and not child.failure
+        failed = child.failure or not child.stop_requested
         child.reaped(status)
         self.dispatcher.forget(child)
-        level = log.info if expected else log.warning
-        level("child_exited", pid=child.pid, status=describe_status(status), expected=expected)
-        if self.slots.get(child.slot) is child:
-            del self.slots[child.slot]
-            if child.slot < self.config.pool.workers:
-                self._respawn_later(child.slot, failed=not expected)
-        if self.stopping and not self.by_pid:
-            self._finish_stop()
-
-    def _respawn_later(self, slot: int, failed: bool) -> None:
-        if self.stopping or self._loop is None:
+        if child in self.children:
+            self.children.remove(child)
+        level = log.warning if failed else log.info
+        level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
+        if failed:
+            self.restarts["crash" if not child.stop_requested else "killed"] += 1
+            self._failure(describe_status(status))
+        if self.stopping:
+            if not self.by_pid:
+                self._finish_stop()
             return
-        if not failed:
-            self._loop.call_soon(self._spawn, slot)
-            return
-        count = self.failures_in_a_row.get(slot, 0)
-        self.failures_in_a_row[slot] = count + 1
-        delay = min(_MAX_BACKOFF, self.config.child.respawn_delay * 2**count)
-        log.info("child_respawn_scheduled", slot=slot, delay=delay)
-        self._loop.call_later(delay, self._respawn_if_empty, slot)
+        self.reconcile()
+        if not self.stale and not self._retiring() and self.reloads:
+            systemd.notify("READY=1\nSTATUS=reload done")
 
-    def _respawn_if_empty(self, slot: int) -> None:
-        if slot not in self.slots and slot < self.config.pool.workers:
-            self._spawn(slot)
+    def _failure(self, reason: str) -> None:
+        now = time.monotonic()
+        window = self.config.pool.failure_window
+        self.failures.append(now)
+        while self.failures and self.failures[0] < now - window:
+            self.failures.popleft()
+        self.failures_in_a_row += 1
+        delay = min(
+            _MAX_BACKOFF, self.config.child.respawn_delay * 2 ** (self.failures_in_a_row - 1)
+        )
+        self.next_spawn_at = now + delay
+        pressure = self.failure_pressure()
+        log.warning("child_failure", reason=reason, pressure=round(pressure, 3))
+        if pressure > self.config.pool.max_failure_pressure and not self.stopping:
+            log.error(
+                "failure_pressure_exceeded",
+                pressure=round(pressure, 3),
+                limit=self.config.pool.max_failure_pressure,
+                exit_code=EXIT_PRESSURE,
+            )
+            self.exit_code = EXIT_PRESSURE
+            self.handle_quit()
+
+    def failure_pressure(self) -> float:
+        cutoff = time.monotonic() - self.config.pool.failure_window
+        recent = sum(1 for moment in self.failures if moment >= cutoff)
+        return recent / self.config.pool.workers
 
     # ------------------------------------------------------------------ signals
 
+    def handle_hup(self) -> None:
+        """Re-read the configuration and replace every child, a batch at a time."""
+        if self.stopping:
+            return
+        try:
+            new = config_module.build(self.config_path, self.overrides)
+        except config_module.ConfigError as error:
+            log.error("reload_failed", problems=error.problems)
+            return
+        if new.pool.bind != self.config.pool.bind:
+            log.warning("reload_ignores", key="pool.bind", reason="sockets change on restart")
+            new.pool.bind = self.config.pool.bind
+        if self.scaled:
+            new.pool.workers = self.config.pool.workers
+        self.config = new
+        self.child_env = child_environment(new.child, os.environ)
+        self.dispatcher.limits = new.limits
+        logs.configure(new.log.format, new.log.level, new.log.file)
+        self.reloads += 1
+        self.stale = [child for child in self.children if not child.retiring]
+        self.restarts["reload"] += len(self.stale)
+        log.info("reload", children=len(self.stale), reloads=self.reloads)
+        systemd.notify("RELOADING=1")
+        self.reconcile()
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        log.info("logs_reopened")
+
     def handle_ttin(self) -> None:
-        self.config.pool.workers += 1
-        slot = next(s for s in range(self.config.pool.workers) if s not in self.slots)
-        log.info("scale_up", workers=self.config.pool.workers)
-        self._spawn(slot)
+        self.scale(self.config.pool.workers + 1)
 
     def handle_ttou(self) -> None:
-        if self.config.pool.workers <= 1:
+        self.scale(self.config.pool.workers - 1)
+
+    def scale(self, workers: int) -> None:
+        if workers < 1 or self.stopping:
             return
-        self.config.pool.workers -= 1
-        log.info("scale_down", workers=self.config.pool.workers)
-        for slot, child in list(self.slots.items()):
-            if slot >= self.config.pool.workers and child.state is State.IDLE:
-                self.dispatcher.forget(child)
-                child.stop()
+        self.scaled = True  # kept across reloads
+        self.config.pool.workers = workers
+        log.info("scale", workers=workers)
+        surplus = len(self._active()) - workers
+        for child in sorted(self._active(), key=lambda c: c.state is State.BUSY)[: max(0, surplus)]:
+            child.retiring = "scale_down"
+        self.reconcile()
 
     def handle_term(self) -> None:
         if self.stopping:
@@ -310,19 +488,10 @@ class Pool:
                 connection.abort("pool stopped before the request finished")
             else:
                 connection.close_idle()
-        for child in list(self.slots.values()):
-            if child.state is not State.DEAD:
-                child.stop()
+        for child in list(self.children):
+            child.stop(self.config.timeouts.kill_grace)
         if not self.by_pid:
             self._finish_stop()
-            return
-        assert self._loop is not None
-        self._loop.call_later(_STOP_WAIT, self._kill_remaining)
-
-    def _kill_remaining(self) -> None:
-        for child in list(self.by_pid.values()):
-            log.warning("child_kill", pid=child.pid, reason="did not stop in time")
-            child.kill(failure=False)
 
     def _finish_stop(self) -> None:
         if self._stopped is not None and not self._stopped.done():

@@ -151,7 +151,8 @@ def wsgi_config(workdir: Path, **sections: dict) -> dict:
     """A pool of flup children running tests/apps/wsgi_app.py."""
     config: dict = {
         "pool": {"bind": [f"unix:{workdir}/pool.sock"], "workers": 2},
-        "child": {"command": [sys.executable, str(WSGI_APP)], "cwd": str(APPS)},
+        "child": {"command": [sys.executable, str(WSGI_APP)], "cwd": str(APPS),
+                  "allow_root": True},
         "log": {"level": "info"},
     }
     for name, values in sections.items():
@@ -175,7 +176,8 @@ def qgis_config(workdir: Path, bind: list[str] | None = None, **sections: dict) 
     config: dict = {
         "pool": {"bind": bind or [f"unix:{workdir}/pool.sock"], "workers": 2,
                  "socket_mode": "0666"},
-        "child": {"command": [QGIS_FCGI], "cwd": str(workdir), "env": qgis_env(home)},
+        "child": {"command": [QGIS_FCGI], "cwd": str(workdir), "env": qgis_env(home),
+                  "allow_root": True},
     }
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)

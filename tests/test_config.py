@@ -112,3 +112,11 @@ def test_bad_flag_values_are_reported_without_traceback():
     assert "pool.bind.0: unknown address scheme 'ftp'" in result.stderr
     result = run_cli("serve", "--env", "NOEQUALS", "--", "/bin/true")
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
+
+
+def test_configuration_reference_in_docs_matches_the_schema():
+    from pathlib import Path
+    docs = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert docs.read_text() == config.reference_markdown() + "\n", (
+        "docs/configuration.md drifted: run `fcgipool config reference > docs/configuration.md`"
+    )
