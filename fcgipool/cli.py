@@ -58,13 +58,11 @@ def _overrides(
     return result
 
 
-def _load(
-    path: str | None, overrides: dict[str, Any], euid: int | None = None
-) -> config_module.Config:
+def _load(path: str | None, overrides: dict[str, Any], euid: int | None) -> config_module.Config:
     """The validated config, or exit 2 listing every problem as `key.path: reason`."""
     try:
         cfg = config_module.build(path, overrides)
-        problems = config_module.runtime_problems(cfg, os.geteuid() if euid is None else euid)
+        problems = config_module.runtime_problems(cfg, euid)
     except config_module.ConfigError as error:
         problems = error.problems
     if problems:
@@ -95,7 +93,7 @@ def serve(
 ) -> None:
     """Run a pool: fcgipool serve [OPTIONS] [-- COMMAND ARGS...]"""
     overrides = _overrides(bind, workers, timeout, control, env, command)
-    cfg = _load(config_path, overrides)
+    cfg = _load(config_path, overrides, os.geteuid())
     logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
     from .supervisor import Pool
 
@@ -117,7 +115,7 @@ def serve(
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
     """Validate a config file: exit 0 when valid, else 2 with `key.path: reason` lines."""
-    _load(path, {}, euid=1)  # whoever will run it: the root rule is checked at start
+    _load(path, {}, euid=None)  # who will run it is unknown: the root rule is checked at start
     click.echo(f"{path}: ok")
 
 

@@ -364,8 +364,9 @@ def build(
         raise ConfigError([_describe(item) for item in error.errors()]) from None
 
 
-def runtime_problems(cfg: Config, euid: int) -> list[str]:
-    """Checks that depend on the machine: users and groups exist, root needs a child user."""
+def runtime_problems(cfg: Config, euid: int | None) -> list[str]:
+    """Checks that depend on the machine: users and groups exist; with ``euid`` (the user
+    the pool runs as), root needs a child user and a child user needs root."""
     import grp
     import pwd
 
@@ -381,6 +382,8 @@ def runtime_problems(cfg: Config, euid: int) -> list[str]:
                 lookup(name)
             except KeyError:
                 problems.append(f"{key}: no such user or group {name!r}")
+    if euid is None:
+        return problems
     if euid == 0 and not cfg.child.user and not cfg.child.allow_root:
         problems.append(
             "child.user: the pool runs as root; name a user for the children "

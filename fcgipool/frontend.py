@@ -51,7 +51,8 @@ class FrontConnection(asyncio.Protocol):
         self.reading_held_by: set[Request] = set()
         self.write_paused = False
         self.closed = False
-        self.last_data = time.monotonic()
+        self.last_data = self.connected_at = time.monotonic()
+        self.started = 0  # requests begun on this connection
         self.peer = ""
 
     # ------------------------------------------------------------ asyncio callbacks
@@ -167,6 +168,10 @@ class FrontConnection(asyncio.Protocol):
             if not self.reading_held_by and not self.closed:
                 self.transport.resume_reading()  # type: ignore[union-attr]
 
+    def fresh(self, now: float, grace: float = 1.0) -> bool:
+        """Connected moments ago and no request yet: its first request is on its way."""
+        return not self.closed and not self.started and now - self.connected_at < grace
+
     def stalled_since(self, now: float) -> float:
         """Seconds this connection has kept a request half-sent, 0 when it has not."""
         if self.reading_held_by or all(request.body_done for request in self.requests.values()):
@@ -180,7 +185,8 @@ class FrontConnection(asyncio.Protocol):
             self.write(encode_end_request(event.request_id, 0, ProtocolStatus.UNKNOWN_ROLE))
             self.codec.end_request(event.request_id)
             return
-        if self.pool.stopping:
+        self.started += 1
+        if not self.pool.accepting:
             request = Request(self, event.request_id, event.keep_conn, self.pool)
             self.requests[event.request_id] = request
             request.respond(503, b"The pool is shutting down\n")

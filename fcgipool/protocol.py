@@ -469,11 +469,11 @@ class ResponseScanner:
         unpack = HEADER.unpack_from
         while end - pos >= 8:
             version, rtype, request_id, length, pad = unpack(buffer, pos)
+            if version != VERSION:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
             stop = pos + 8 + length + pad
             if stop > end:
                 break
-            if version != VERSION:
-                raise ProtocolError(f"unsupported FastCGI version {version}")
             if finished is not None:
                 raise ProtocolError("record after END_REQUEST")
             if rtype == RecordType.STDOUT:

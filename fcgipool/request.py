@@ -230,21 +230,25 @@ class Request:
                 self.pool.child_done(child, served=True)
 
     def on_lost(self) -> None:
-        """The child's connection ended before END_REQUEST."""
+        """The child's connection ended (or could not be made) before END_REQUEST."""
         if self.phase is Phase.DONE:
             return
         child = self.child
-        sent, self._sent = self._sent, None
+        if self.phase is Phase.RUNNING:
+            sent, self._sent = self._sent, None
+            if sent is not None:
+                self._resend(sent)
+            resendable = sent is not None
+        else:  # never attached: the whole request is still pending
+            resendable = not self.response_started
         same_child = child is not None and child.state is ChildState.BUSY
-        if sent is not None and self._reused and not self._replayed and same_child:
+        if resendable and self._reused and not self._replayed and same_child:
             self._replayed = True
-            self._resend(sent)
             self._connect_later(child)
             return
-        if sent is not None and not self._retried and self._repeatable():
+        if resendable and not self._retried and self._repeatable():
             self._retried = True
             log.info("request_retried", uri=self.uri, pid=child.pid if child else 0)
-            self._resend(sent)
             self.child = None
             if child is not None:
                 self.pool.recover(child)

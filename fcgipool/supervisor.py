@@ -76,9 +76,11 @@ class Pool:
         self.timed_out = 0
         self.scaled = False
         self.stopping = False
+        self.accepting = True  # new requests are taken (false once the drain has ended)
         self.ready_announced = False
         self.runtime_dir = ""
         self.servers: list[asyncio.AbstractServer] = []
+        self.listen_sockets: list[socket.socket] = []
         self.unix_paths: list[str] = []
         self.child_env = child_environment(config.child, os.environ)
         self.exit_code = 0
@@ -132,6 +134,7 @@ class Pool:
                 server = await loop.create_server(lambda: FrontConnection(self), sock=sock)
             self.servers.append(server)
             log.info("listening", address=_sockname(sock))
+        self.listen_sockets = sockets
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {
@@ -156,6 +159,8 @@ class Pool:
             for connection in list(self.connections):
                 if connection.stalled_since(now) > read_timeout:
                     connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
+            if self.stopping:
+                self._maybe_finish_drain()
 
     async def _watch_children(self) -> None:
         """Every rss_interval: recycle children past max_rss or max_lifetime."""
@@ -453,11 +458,23 @@ class Pool:
         self._end_drain()
 
     def _begin_stop(self) -> None:
+        """Stop accepting connections, but serve those already in the listen backlog: the
+        web server saw their connect succeed."""
         self.stopping = True
         systemd.notify("STOPPING=1")
+        self._unlink_sockets()
+        assert self._loop is not None
+        for sock in self.listen_sockets:
+            while True:
+                try:
+                    connection, _ = sock.accept()
+                except OSError:
+                    break
+                self._loop.create_task(
+                    self._loop.connect_accepted_socket(lambda: FrontConnection(self), connection)
+                )
         for server in self.servers:
             server.close()
-        self._unlink_sockets()
 
     def _unlink_sockets(self) -> None:
         """Remove the socket files we made (not those systemd owns)."""
@@ -466,22 +483,23 @@ class Pool:
                 os.unlink(path)
         self.unix_paths = []
 
-    def _busy(self) -> bool:
-        return bool(self.dispatcher.waiting) or any(
-            connection.requests for connection in self.connections
-        )
-
     def _maybe_finish_drain(self) -> None:
+        """Close idle connections; once nothing is in flight, stop the children."""
+        now = time.monotonic()
+        busy = bool(self.dispatcher.waiting)
         for connection in list(self.connections):
-            if not connection.requests:
+            if connection.requests or connection.fresh(now):
+                busy = True
+            else:
                 connection.close_idle()
-        if not self._busy():
+        if not busy:
             self._end_drain()
 
     def _end_drain(self) -> None:
         """Stop every child; what is still waiting or running gets an answer or a close."""
-        if self._stopped is None or self._stopped.done():
+        if self._stopped is None or self._stopped.done() or not self.accepting:
             return
+        self.accepting = False
         self.dispatcher.fail_waiting(b"The pool is shutting down\n")
         for connection in list(self.connections):
             if connection.requests:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nginx-light qgis-server spawn-fcgi libfcgi-bin wrk systemd python3-venv python3-dev gcc)
+packages=(nginx-light qgis-server spawn-fcgi libfcgi-bin wrk systemd python3-venv python3-dev gcc util-linux)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -17,6 +17,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The nginx package starts a default site on port 80; the tests run their own instances.
 systemctl disable --now nginx >/dev/null 2>&1 || true
+
+# The heavy demo project's 50,000 points are generated, not stored in git.
+[ -s demo/project/data/heavy_points.geojson ] || /usr/bin/python3 demo/make_project.py --heavy-only >/dev/null
 
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
