@@ -91,7 +91,44 @@ def encode_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def decode_pairs(data: bytes) -> dict[bytes, bytes]:
-    """Inverse of :func:`encode_pairs`; a truncated pair is a :class:`ProtocolError`."""
+    """Inverse of :func:`encode_pairs`; a truncated pair is a :class:`ProtocolError`.
+
+    The fast path runs on every request; a malformed stream is decoded again by the
+    careful decoder, which names the problem.
+    """
+    data = bytes(data)
+    pairs: dict[bytes, bytes] = {}
+    pos, end = 0, len(data)
+    unpack = _LEN4.unpack_from
+    try:
+        while pos < end:
+            name_len = data[pos]
+            if name_len < 128:
+                pos += 1
+            else:
+                name_len = unpack(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            value_len = data[pos]
+            if value_len < 128:
+                pos += 1
+            else:
+                value_len = unpack(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            middle = pos + name_len
+            stop = middle + value_len
+            if stop > end:
+                break
+            pairs[data[pos:middle]] = data[middle:stop]
+            pos = stop
+        else:
+            return pairs
+    except (IndexError, struct.error):
+        pass
+    return _decode_pairs_checked(data)
+
+
+def _decode_pairs_checked(data: bytes) -> dict[bytes, bytes]:
+    """The careful decoder: slower, but says exactly what is wrong."""
     pairs: dict[bytes, bytes] = {}
     pos, end = 0, len(data)
     while pos < end:
@@ -487,6 +524,10 @@ class ResponseScanner:
                 raise ProtocolError(f"record type {rtype} is not part of a response")
             starts.append(pos)
             pos = stop
+        if finished is not None and pos < end:
+            # Even an incomplete one: kept, it would be completed by the next read and
+            # handed to the next request sent on this connection.
+            raise ProtocolError("record after END_REQUEST")
         self._buffer = buffer[pos:] if pos < end else b""
         return (buffer[:pos] if pos < end else buffer), starts, has_output, finished
 

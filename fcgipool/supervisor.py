@@ -68,6 +68,7 @@ class Pool:
         self.stale: list[Child] = []  # children a reload has yet to replace
         self.generation = 0  # children spawned so far
         self.reloads = 0
+        self.reloading = False
         self.failures: collections.deque[float] = collections.deque()
         self.failures_in_a_row = 0
         self.next_spawn_at = 0.0
@@ -363,7 +364,9 @@ class Pool:
                 self._finish_stop()
             return
         self.reconcile()
-        if not self.stale and not self._retiring() and self.reloads:
+        if self.reloading and not self.stale and not self._retiring():
+            self.reloading = False
+            log.info("reload_done", reloads=self.reloads)
             systemd.notify("READY=1\nSTATUS=reload done")
 
     def _failure(self, reason: str) -> None:
@@ -415,6 +418,7 @@ class Pool:
         self.dispatcher.limits = new.limits
         logs.configure(new.log.format, new.log.level, new.log.file)
         self.reloads += 1
+        self.reloading = True
         self.stale = [child for child in self.children if not child.retiring]
         self.restarts["reload"] += len(self.stale)
         log.info("reload", children=len(self.stale), reloads=self.reloads)

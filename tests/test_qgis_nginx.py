@@ -163,3 +163,47 @@ def test_request_command_prints_status_headers_and_body(qgis_pool, workdir):
         capture_output=True, check=True, timeout=60,
     )
     getmap_ok(target.read_bytes())
+
+
+def test_ten_reloads_under_load_fail_no_request(pool_factory, workdir, nginx_factory):
+    import collections
+    import os
+    import signal
+    import threading
+
+    pool = pool_factory(qgis_config(workdir, limits={"max_waiting": 256}))
+    nginx = nginx_factory(pool.address)
+    urls = [nginx.url(ows(REQUEST="GetCapabilities")), nginx.url(getmap_url(64))]
+    stop = threading.Event()
+    statuses: collections.Counter = collections.Counter()
+    deadline = time.monotonic() + 240  # the load stops by itself
+
+    def load(index: int) -> None:
+        while not stop.is_set() and time.monotonic() < deadline:
+            status, _, _ = fetch(urls[index % 2])
+            statuses[status] += 1
+            index += 1
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: statuses[200] >= 20, 60, "the load to run")
+        for count in range(1, 11):
+            os.kill(pool.pid, signal.SIGHUP)
+            # Signals do not queue: send the next once this one was taken.
+            wait_for(lambda c=count: pool.log().count("[info     ] reload ") >= c, 30,
+                     f"reload {count} to be taken")
+        def last_reload_done() -> bool:
+            log = pool.log()
+            return "reload_done" in log[log.rindex("[info     ] reload "):]
+
+        wait_for(last_reload_done, 180, "the last rolling restart to finish")
+        served_during = sum(statuses.values())
+        wait_for(lambda: sum(statuses.values()) >= served_during + 20, 60, "more load after")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    assert set(statuses) == {200}, statuses
+    assert pool.log().count("child_retired") >= 2
