@@ -11,6 +11,7 @@ import itertools
 import random
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcgipool.protocol import (
+    _END_BODY,
     HEADER,
     MAX_CONTENT,
     AbortRequest,
@@ -32,6 +34,7 @@ from fcgipool.protocol import (
     ProtocolStatus,
     RecordReader,
     RecordType,
+    ResponseScanner,
     Role,
     ServerConnection,
     Stderr,
@@ -50,6 +53,8 @@ from fcgipool.protocol import (
     encode_response,
     encode_stream,
     encode_unknown_type,
+    retag,
+    stdout_content,
 )
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -916,6 +921,337 @@ def test_client_response_after_partial_header() -> None:
     assert of(Stdout, events)[-1] == Stdout(2, b"")
 
 
+# --------------------------------------------------------------------------- ResponseScanner
+
+
+def scan(scanner: ResponseScanner, pieces) -> list[tuple[bytes, list[int], bool, object]]:
+    """Every ``feed`` result, one per piece."""
+    return [scanner.feed(piece) for piece in pieces]
+
+
+def record_sizes(records: bytes, starts: list[int]) -> list[int]:
+    """The size of each record at ``starts``, from its header; they must tile ``records``."""
+    sizes = []
+    for start, following in itertools.pairwise([*starts, len(records)]):
+        length = (records[start + 4] << 8) | records[start + 5]
+        size = 8 + length + records[start + 6]
+        assert records[start] == 1 and start + size == following
+        sizes.append(size)
+    return sizes
+
+
+# A response with padding other than the encoders' (none, 3, 255 bytes), so an offset computed
+# from the content length alone would be wrong.
+SCANNED = [
+    rec(STDERR, 1, b"warning: slow\n", pad=0),
+    rec(STDOUT, 1, b"Status: 200 OK\r\n\r\n", pad=3),
+    rec(STDOUT, 1, b"hello", pad=255),
+    rec(STDOUT, 1),
+    rec(STDERR, 1, pad=9),
+    rec(END, 1, b"\x00\x00\x01\x02\x00\x00\x00\x00", pad=5),
+]
+SCANNED_STARTS = [sum(map(len, SCANNED[:i])) for i in range(len(SCANNED))]
+
+
+def test_scanner_returns_the_records_as_sent() -> None:
+    data = b"".join(SCANNED)
+    records, starts, has_output, end = ResponseScanner().feed(data)
+    assert records == data
+    assert starts == SCANNED_STARTS
+    assert [records[s : s + len(r)] for s, r in zip(starts, SCANNED, strict=True)] == SCANNED
+    assert has_output is True
+    assert end == EndRequest(1, 0x0102, ProtocolStatus.REQUEST_COMPLETE)
+
+
+def test_scanner_record_by_record() -> None:
+    scanner = ResponseScanner()
+    results = scan(scanner, SCANNED)
+    assert [r[0] for r in results] == SCANNED
+    assert [r[1] for r in results] == [[0]] * len(SCANNED)
+    assert [r[2] for r in results] == [False, True, True, False, False, False]
+    assert [r[3] for r in results] == [None] * 5 + [EndRequest(1, 0x0102, 0)]
+
+
+def test_scanner_byte_by_byte() -> None:
+    data = b"".join(SCANNED)
+    ends = list(itertools.accumulate(map(len, SCANNED)))
+    scanner = ResponseScanner()
+    got = []
+    for i, piece in enumerate(bytewise(data)):
+        records, starts, has_output, end = scanner.feed(piece)
+        if i + 1 in ends:  # the feed of a record's last byte (padding included) returns it
+            record = SCANNED[ends.index(i + 1)]
+            assert (records, starts) == (record, [0])
+            assert has_output == (record[1] == STDOUT and record[5] > 0)
+            got.append(records)
+        else:
+            assert (records, starts, has_output) == (b"", [], False)
+        assert (end is not None) == (i == len(data) - 1)
+    assert end == EndRequest(1, 0x0102, 0)
+    assert b"".join(got) == data
+
+
+def test_scanner_keeps_a_partial_record_across_feeds() -> None:
+    first, second = rec(STDOUT, 7, b"abc", pad=13), rec(STDERR, 7, blob_of(300, b"e"))
+    data = first + second + encode_end_request(7)
+    scanner = ResponseScanner()
+    assert scanner.feed(data[:7]) == (b"", [], False, None)
+    assert scanner.feed(data[7:23]) == (b"", [], False, None)  # padding still missing
+    assert scanner.feed(data[23:30]) == (first, [0], True, None)
+    assert scanner.feed(data[30 : len(first) + len(second)]) == (second, [0], False, None)
+    assert scanner.feed(data[len(first) + len(second) :]) == (
+        encode_end_request(7),
+        [0],
+        False,
+        EndRequest(7, 0, 0),
+    )
+
+
+def test_scanner_starts_are_relative_to_the_returned_bytes() -> None:
+    data = b"".join(SCANNED)
+    scanner = ResponseScanner()
+    cut = SCANNED_STARTS[2] + 3  # in the middle of the third record
+    records, starts, _, _ = scanner.feed(data[:cut])
+    assert (records, starts) == (SCANNED[0] + SCANNED[1], SCANNED_STARTS[:2])
+    records, starts, _, end = scanner.feed(data[cut:])
+    assert records == data[SCANNED_STARTS[2] :]
+    assert starts == [s - SCANNED_STARTS[2] for s in SCANNED_STARTS[2:]]
+    assert record_sizes(records, starts) == list(map(len, SCANNED[2:]))
+    assert end is not None
+
+
+@pytest.mark.parametrize(
+    ("records", "has_output"),
+    [
+        ([rec(STDOUT, 1)], False),
+        ([rec(STDOUT, 1, pad=7)], False),
+        ([rec(STDERR, 1, b"only an error")], False),
+        ([rec(STDERR, 1, b"x"), rec(STDOUT, 1), rec(STDERR, 1), rec(END, 1, bytes(8))], False),
+        ([rec(END, 1, bytes(8))], False),
+        ([rec(STDOUT, 1, b"x")], True),
+        ([rec(STDOUT, 1, b"x", pad=0)], True),
+        ([rec(STDERR, 1, b"e"), rec(STDOUT, 1, b"\0"), rec(STDOUT, 1)], True),
+        ([rec(STDOUT, 1, blob_of(65535, b"o")), rec(END, 1, bytes(8))], True),
+    ],
+)
+def test_scanner_has_output_only_for_stdout_content(records: list[bytes], has_output: bool):
+    data = b"".join(records)
+    assert ResponseScanner().feed(data)[2] is has_output
+    # Across feeds it describes only the records returned by that feed.
+    scanner = ResponseScanner()
+    assert [scanner.feed(r)[2] for r in records] == [r[1] == STDOUT and r[5] > 0 for r in records]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "body", "app_status", "protocol_status"),
+    [
+        (1, b"\x00\x00\x00\x00\x00\x00\x00\x00", 0, 0),
+        (0x0A0B, b"\x00\x00\x00\x01\x01\x00\x00\x00", 1, 1),
+        (65535, b"\xff\xff\xff\xfe\x02\x00\x00\x00", 0xFFFFFFFE, 2),
+        (0, b"\x01\x02\x03\x04\x03\xff\xff\xff", 0x01020304, 3),
+    ],
+)
+def test_scanner_end_request_fields(
+    request_id: int, body: bytes, app_status: int, protocol_status: int
+) -> None:
+    data = rec(STDOUT, request_id) + rec(END, request_id, body)
+    records, starts, has_output, end = ResponseScanner().feed(data)
+    assert (records, starts, has_output) == (data, [0, 8], False)
+    assert end == EndRequest(request_id, app_status, protocol_status)
+    assert type(end) is EndRequest
+
+
+def test_scanner_end_request_from_encoder() -> None:
+    data = encode_end_request(3, app_status=-1, protocol_status=ProtocolStatus.OVERLOADED)
+    assert ResponseScanner().feed(data)[3] == EndRequest(3, 0xFFFFFFFF, 2)
+
+
+def test_scanner_feed_empty() -> None:
+    scanner = ResponseScanner()
+    assert scanner.feed(b"") == (b"", [], False, None)
+    assert scanner.feed(SCANNED[0][:5]) == (b"", [], False, None)
+    assert scanner.feed(b"") == (b"", [], False, None)
+    assert scanner.feed(SCANNED[0][5:]) == (SCANNED[0], [0], False, None)
+
+
+@pytest.mark.parametrize("version", [0, 2, 72, 255])
+def test_scanner_wrong_version_is_rejected_at_its_header(version: int) -> None:
+    # The header claims 65535 bytes of content that never come: the 8 header bytes suffice.
+    header = bytes([version, STDOUT, 0, 1, 0xFF, 0xFF, 0xFF, 0])
+    with pytest.raises(ProtocolError, match=f"unsupported FastCGI version {version}"):
+        ResponseScanner().feed(header)
+    with pytest.raises(ProtocolError, match=f"version {version}"):
+        ResponseScanner().feed(SCANNED[0] + SCANNED[1] + header)
+    # Byte by byte after a valid record: nothing before the 8th byte, the error at it.
+    scanner = ResponseScanner()
+    assert scanner.feed(SCANNED[1]) == (SCANNED[1], [0], True, None)
+    for byte in bytewise(header[:7]):
+        assert scanner.feed(byte) == (b"", [], False, None)
+    with pytest.raises(ProtocolError, match=f"version {version}"):
+        scanner.feed(header[7:])
+
+
+def test_scanner_wrong_version_behind_a_partial_record() -> None:
+    scanner = ResponseScanner()
+    good = rec(STDOUT, 1, b"abcdef")
+    assert scanner.feed(good[:3]) == (b"", [], False, None)
+    with pytest.raises(ProtocolError, match="version 0"):
+        scanner.feed(good[3:] + bytes(8))
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        rec(STDOUT, 1, b"more"),
+        rec(STDOUT, 1),
+        rec(STDERR, 1, b"late"),
+        rec(END, 1, bytes(8)),
+        rec(STDOUT, 2, b"another id"),
+    ],
+)
+def test_scanner_rejects_a_record_after_end_request_in_the_same_feed(after: bytes) -> None:
+    end = rec(END, 1, bytes(8))
+    for data in (end + after, rec(STDOUT, 1, b"x") + end + after, end + after + SCANNED[0]):
+        with pytest.raises(ProtocolError, match="record after END_REQUEST"):
+            ResponseScanner().feed(data)
+    # A partial record in the same read as END_REQUEST is rejected too: were it kept, the
+    # next read would complete it and it would be forwarded to the next request sent to the
+    # child on the same (kept) connection.
+    for size in (1, 7, 8, len(after) - 1):
+        with pytest.raises(ProtocolError, match="record after END_REQUEST"):
+            ResponseScanner().feed(end + after[:size])
+
+
+def test_scanner_rejects_a_record_after_end_request_completed_in_the_same_feed() -> None:
+    scanner = ResponseScanner()
+    end = rec(END, 1, bytes(8))
+    assert scanner.feed(end[:4]) == (b"", [], False, None)
+    with pytest.raises(ProtocolError, match="record after END_REQUEST"):
+        scanner.feed(end[4:] + rec(STDOUT, 1, b"junk"))
+
+
+def test_scanner_reads_the_next_response_in_a_later_feed() -> None:
+    # ChildConnection keeps one scanner per connection, and a kept connection (child
+    # keep_conn) carries one request after another: once END_REQUEST was returned, the
+    # next feed holds the answer to the next request the pool sent.
+    scanner = ResponseScanner()
+    first = encode_response(1, 200, b"first")
+    second = encode_response(1, 404, b"second")
+    assert scanner.feed(first)[0] == first
+    records, starts, has_output, end = scanner.feed(second)
+    assert (records, has_output, end) == (second, True, EndRequest(1, 0, 0))
+    assert stdout_content(records, starts).endswith(b"\r\n\r\nsecond")
+    results = scan(scanner, bytewise(first))
+    assert b"".join(r[0] for r in results) == first
+    assert [r[3] is not None for r in results] == [False] * (len(first) - 1) + [True]
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 9, 16, 65535])
+def test_scanner_end_request_body_must_be_8_bytes(length: int) -> None:
+    data = rec(STDOUT, 1) + rec(END, 1, blob_of(length, b"\0\1") if length else b"")
+    with pytest.raises(ProtocolError, match=f"END_REQUEST body is {length} bytes, not 8"):
+        ResponseScanner().feed(data)
+    scanner = ResponseScanner()
+    with pytest.raises(ProtocolError, match=f"END_REQUEST body is {length} bytes"):
+        for piece in chunks(data, list(range(0, len(data), 4096))):
+            scanner.feed(piece)
+
+
+@pytest.mark.parametrize(
+    "rtype",
+    [0, BEGIN, ABORT, PARAMS, STDIN, DATA, GET_VALUES, GET_VALUES_RESULT, UNKNOWN_TYPE, 12, 255],
+)
+def test_scanner_rejects_types_that_are_not_part_of_a_response(rtype: int) -> None:
+    bad = rec(rtype, 1, begin_body())
+    for data in (bad, rec(STDOUT, 1, b"ok") + bad, bad + rec(END, 1, bytes(8))):
+        with pytest.raises(ProtocolError, match=f"record type {rtype} is not part of a response"):
+            ResponseScanner().feed(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_get_values_result({b"FCGI_MAX_CONNS": b"1"}),
+        encode_unknown_type(200),
+        encode_begin_request(1),
+        encode_params(1, PARAMS_1),
+        encode_request(1, {}, b"body"),
+    ],
+    ids=["get_values_result", "unknown_type", "begin_request", "params", "request"],
+)
+def test_scanner_rejects_encoded_non_response_records(data: bytes) -> None:
+    # GET_VALUES_RESULT and UNKNOWN_TYPE are valid from a child (ClientConnection takes them),
+    # but the pool never asks for them: in an answer to a request they are junk.
+    with pytest.raises(ProtocolError, match="is not part of a response"):
+        ResponseScanner().feed(data)
+
+
+def test_scanner_error_after_valid_records_in_the_same_feed() -> None:
+    # The whole read is refused: nothing of it is returned for forwarding.
+    scanner = ResponseScanner()
+    with pytest.raises(ProtocolError, match="type 5 is not part of a response"):
+        scanner.feed(b"".join(SCANNED[:3]) + rec(STDIN, 1, b"x"))
+
+
+def test_stdout_content() -> None:
+    data = b"".join(SCANNED)
+    assert stdout_content(data, SCANNED_STARTS) == b"Status: 200 OK\r\n\r\nhello"
+    assert stdout_content(data, SCANNED_STARTS[:2]) == b"Status: 200 OK\r\n\r\n"
+    assert stdout_content(data, [SCANNED_STARTS[0], *SCANNED_STARTS[3:]]) == b""
+    assert stdout_content(b"", []) == b""
+    big = blob_of(65535, b"0123456789")
+    records = rec(STDOUT, 1, big, pad=255) + rec(STDERR, 1, b"e") + rec(STDOUT, 1, b"!")
+    assert stdout_content(records, [0, 65798, 65814]) == big + b"!"
+
+
+def test_stdout_content_of_scanned_pieces() -> None:
+    body = blob_of(200000, b"body ")
+    data = encode_response(9, 200, body, [("X-A", "b")])
+    scanner = ResponseScanner()
+    out = b""
+    for piece in chunks(data, list(range(0, len(data), 777))):
+        records, starts, has_output, _ = scanner.feed(piece)
+        content = stdout_content(records, starts)
+        assert has_output == bool(content)
+        out += content
+    assert out == b"".join(e.data for e in of(Stdout, ClientConnection().feed(data)))
+    assert out.endswith(b"\r\n\r\n" + body) and out.startswith(b"Status: 200\r\n")
+
+
+@pytest.mark.parametrize("request_id", [1, 255, 256, 65535])
+def test_retag_sets_every_request_id(request_id: int) -> None:
+    data = b"".join(SCANNED) + rec(STDOUT, 0x1234, blob_of(65535, b"r"), pad=255)
+    starts = [*SCANNED_STARTS, len(data) - MAX_RECORD]
+    retagged = retag(data, starts, request_id)
+    assert type(retagged) is bytes and len(retagged) == len(data)
+    before, after = RecordReader().feed(data), RecordReader().feed(retagged)
+    assert [(t, request_id, c) for t, _, c in before] == after
+    assert len(after) == len(starts)
+    # Only bytes 2 and 3 of each header may differ; content and padding are untouched.
+    changed = {i for i in range(len(data)) if data[i] != retagged[i]}
+    assert changed <= {s + k for s in starts for k in (2, 3)}
+    for start in starts:
+        assert retagged[start + 2 : start + 4] == bytes([request_id >> 8, request_id & 0xFF])
+
+
+def test_retag_touches_only_the_given_headers() -> None:
+    data = rec(STDOUT, 1, b"\x01\x06\x00\x01\x00\x00\x00\x00") + rec(END, 1, bytes(8))
+    # Content that looks like a header is left alone; so is a header not in ``starts``.
+    assert retag(data, [16], 0x0203) == data[:16] + rec(END, 0x0203, bytes(8))
+    assert retag(data, [], 0x0203) == data
+    assert retag(b"", [], 5) == b""
+
+
+def test_retag_scanned_pieces() -> None:
+    data = encode_response(1, 200, blob_of(70000, b"xyz"), [("X", "y")])
+    scanner = ResponseScanner()
+    out = b""
+    for piece in chunks(data, list(range(0, len(data), 5000))):
+        records, starts, _, _ = scanner.feed(piece)
+        out += retag(records, starts, 0xABCD)
+    assert out == encode_response(0xABCD, 200, blob_of(70000, b"xyz"), [("X", "y")])
+
+
 # --------------------------------------------------------------------------- property tests
 
 
@@ -1105,6 +1441,41 @@ def test_encode_response_round_trip(
     assert lines[3:] == [f"{n}: {v}" for n, v in headers]
 
 
+@HEAVY
+@given(responses(), cut_points)
+def test_scanner_round_trip(case, cuts: list[int]) -> None:
+    request_id, stdout, stderr, app_status, protocol_status, data = case
+    pieces = chunks(data, cuts)
+    results = scan(ResponseScanner(), pieces)
+    assert b"".join(records for records, _, _, _ in results) == data
+    out = b""
+    for records, starts, has_output, _ in results:
+        record_sizes(records, starts)  # the starts tile the returned bytes, record by record
+        content = stdout_content(records, starts)
+        assert has_output == bool(content)
+        out += content
+    assert out == b"".join(stdout)
+    ends = [end for _, _, _, end in results]
+    assert ends[-1] == EndRequest(request_id, app_status, protocol_status)
+    assert ends[:-1] == [None] * (len(pieces) - 1)
+    # The same records, in order, as the event decoder sees them.
+    every = b"".join(records for records, _, _, _ in results)
+    read = RecordReader().feed(every)
+    assert len(read) == sum(len(starts) for _, starts, _, _ in results)
+    assert b"".join(c for t, _, c in read if t == STDERR) == b"".join(stderr)
+
+
+@HEAVY
+@given(responses(), st.integers(min_value=1, max_value=65535), cut_points)
+def test_retag_then_client_connection_sees_the_new_id(case, new_id: int, cuts) -> None:
+    data = case[-1]
+    scanner = ResponseScanner()
+    retagged = b"".join(retag(r, s, new_id) for r, s, _, _ in scan(scanner, chunks(data, cuts)))
+    expected = [replace(e, request_id=new_id) for e in ClientConnection().feed(data)]
+    assert feed_all(ClientConnection(), chunks(retagged, cuts[::-1])) == expected
+    assert all(e.request_id == new_id for e in expected)
+
+
 @st.composite
 def raw_records(draw):
     records = draw(
@@ -1199,6 +1570,9 @@ CORPUS_ERRORS = {
     "client_stdin_from_application": "type 5 is not sent by an application",
     "client_unassigned_type_200": "type 200 is not sent by an application",
     "client_http_response": "version 72",
+    "scanner_get_values_result": "record type 10 is not part of a response",
+    "scanner_end_request_body_16_bytes": "END_REQUEST body is 16 bytes, not 8",
+    "scanner_http_response_after_stdout": "unsupported FastCGI version 72",
 }
 CORPUS_FILES = sorted(CORPUS.glob("*.bin"))
 
@@ -1208,14 +1582,16 @@ def connection_for(path: Path):
         return ServerConnection()
     if path.name.startswith("client_"):
         return ClientConnection()
-    raise AssertionError(f"{path.name}: corpus file names start with server_ or client_")
+    if path.name.startswith("scanner_"):
+        return ResponseScanner()
+    raise AssertionError(f"{path.name}: corpus file names start with server_, client_ or scanner_")
 
 
 def test_corpus_is_complete_and_documented() -> None:
     names = {p.stem for p in CORPUS_FILES}
     assert names == set(CORPUS_ERRORS)
     readme = (CORPUS / "README.md").read_text()
-    listed = set(re.findall(r"`((?:server|client)_\w+)\.bin`", readme))
+    listed = set(re.findall(r"`((?:server|client|scanner)_\w+)\.bin`", readme))
     assert listed == names
 
 
@@ -1251,6 +1627,75 @@ def test_fuzz_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
     # Garbage after a valid version byte reaches the record decoders, not only the header.
     feed_only_protocol_errors(ServerConnection(), chunks(b"\x01" + data, cuts))
     feed_only_protocol_errors(ClientConnection(), chunks(b"\x01" + data, cuts))
+    scan_only_protocol_errors(chunks(data, cuts))
+    scan_only_protocol_errors(chunks(b"\x01" + data, cuts))
+
+
+def scan_only_protocol_errors(pieces) -> None:
+    """Feed a ResponseScanner until the end or a ProtocolError; what it returns must be the
+    input's own bytes, whole records only; any other exception fails the test."""
+    scanner = ResponseScanner()
+    fed, got = b"", b""
+    try:
+        for piece in pieces:
+            fed += piece
+            records, starts, has_output, end = scanner.feed(piece)
+            record_sizes(records, starts)
+            got += records
+            assert fed.startswith(got)
+            assert has_output == bool(stdout_content(records, starts))
+            assert end is None or type(end) is EndRequest
+    except ProtocolError:
+        pass
+
+
+scanner_record_parts = st.tuples(
+    st.sampled_from([STDOUT, STDOUT, STDERR, END, END, BEGIN, GET_VALUES_RESULT, 200]),
+    st.sampled_from([0, 1, 256, 65535]),
+    st.one_of(st.just(b""), st.just(bytes(8)), st.binary(max_size=20)),
+    st.one_of(st.none(), st.integers(0, 16)),
+)
+
+
+@PROPERTY
+@given(st.lists(scanner_record_parts, max_size=8))
+def test_scanner_against_a_model(parts) -> None:
+    records = [rec(*part) for part in parts]
+    data = b"".join(records)
+    bad = [
+        rtype not in (STDOUT, STDERR, END) or (rtype == END and len(content) != 8)
+        for rtype, _, content, _ in parts
+    ]
+    first_bad = bad.index(True) if True in bad else len(parts)
+    ends = [i for i, part in enumerate(parts) if part[0] == END]
+
+    def expected(i: int) -> tuple[bool, EndRequest | None]:
+        rtype, request_id, content, _ = parts[i]
+        if rtype == END:
+            return False, EndRequest(request_id, *_END_BODY.unpack(content))
+        return rtype == STDOUT and bool(content), None
+
+    # All in one read: any bad record, or any record after END_REQUEST, refuses the read.
+    if first_bad == len(parts) and (not ends or ends[0] == len(parts) - 1):
+        results = [expected(i) for i in range(len(parts))]
+        assert ResponseScanner().feed(data) == (
+            data,
+            [sum(map(len, records[:i])) for i in range(len(records))],
+            any(has_output for has_output, _ in results),
+            results[-1][1] if results else None,
+        )
+    else:
+        with pytest.raises(ProtocolError):
+            ResponseScanner().feed(data)
+    # One record a read (one response after another, as on a kept connection): only a bad
+    # record is refused, at its own read.
+    scanner = ResponseScanner()
+    for i, record in enumerate(records):
+        if i == first_bad:
+            with pytest.raises(ProtocolError):
+                scanner.feed(record)
+            break
+        assert scanner.feed(record) == (record, [0], *expected(i))
 
 
 fuzz_content = st.one_of(
@@ -1292,6 +1737,7 @@ def test_fuzz_well_framed_records(records, cuts, max_params, ended) -> None:
     except ProtocolError:
         pass
     feed_only_protocol_errors(ClientConnection(), chunks(data, cuts))
+    scan_only_protocol_errors(chunks(data, cuts))
 
 
 @PROPERTY
@@ -1324,6 +1770,7 @@ def test_fuzz_mutated_requests_and_responses(params, body, edits, cuts) -> None:
             elif where < len(mutated):
                 del mutated[where]
         feed_only_protocol_errors(make(), chunks(bytes(mutated), cuts))
+        scan_only_protocol_errors(chunks(bytes(mutated), cuts))
 
 
 def test_fuzz_seeded_corpus_mutations() -> None:
@@ -1338,3 +1785,4 @@ def test_fuzz_seeded_corpus_mutations() -> None:
                 mutated[rnd.randrange(len(mutated))] = rnd.randrange(256)
             feed_only_protocol_errors(ServerConnection(), [bytes(mutated)])
             feed_only_protocol_errors(ClientConnection(), [bytes(mutated)])
+            scan_only_protocol_errors([bytes(mutated)])
