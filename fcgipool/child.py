@@ -229,6 +229,8 @@ class Child:
         self.failure = False
         self.retiring = ""  # why this child is being replaced; empty while it is not
         self.warmups_done = 0
+        self.request: object | None = None  # the Request being served, for status
+        self._process: psutil.Process | None = None
         self._readers: list[asyncio.Task[object]] = []
 
     def __repr__(self) -> str:
@@ -265,6 +267,8 @@ class Child:
             listener.close()
         self.pid = self.popen.pid
         self.started_at = time.monotonic()
+        with contextlib.suppress(psutil.Error):
+            self._process = psutil.Process(self.pid)
         loop = asyncio.get_running_loop()
         for stream, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
             protocol = _OutputLines(self.pid, stream, log_output)
@@ -391,6 +395,13 @@ class Child:
     def rss(self) -> int:
         """Resident memory in bytes (0 when it cannot be read)."""
         try:
-            return psutil.Process(self.pid).memory_info().rss
-        except (psutil.Error, ValueError):
+            return self._process.memory_info().rss if self._process else 0
+        except psutil.Error:
             return 0
+
+    def cpu_percent(self) -> float:
+        """CPU use since the previous call (psutil's way; the first call says 0)."""
+        try:
+            return self._process.cpu_percent(interval=None) if self._process else 0.0
+        except psutil.Error:
+            return 0.0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import sys
+import time
 from typing import Any
 
 import click
@@ -29,10 +32,21 @@ def _overrides(
     control: str | None,
     env: tuple[str, ...],
     command: tuple[str, ...],
+    http: str | None = None,
+    wsgi: str | None = None,
+    log_format: str | None = None,
 ) -> dict[str, Any]:
     pool: dict[str, Any] = {}
     child: dict[str, Any] = {}
     result: dict[str, Any] = {}
+    if http is not None:
+        result["admin"] = {"http": http}
+    if log_format is not None:
+        result["log"] = {"format": log_format}
+    if wsgi is not None:
+        if command:
+            raise click.BadParameter("give either --wsgi or a COMMAND", param_hint="--wsgi")
+        command = (sys.executable, "-m", "fcgipool.wsgi", wsgi)
     if bind:
         pool["bind"] = list(bind)
     if workers is not None:
@@ -81,6 +95,9 @@ def _load(path: str | None, overrides: dict[str, Any], euid: int | None) -> conf
 @click.option(
     "--env", multiple=True, metavar="KEY=VALUE", help="Add to the children's environment."
 )
+@click.option("--http", metavar="ADDR", help="Admin HTTP listener, e.g. tcp:127.0.0.1:9090.")
+@click.option("--wsgi", metavar="MODULE:APP", help="Serve a WSGI app as the children (flup).")
+@click.option("--log-format", type=click.Choice(["console", "json"]), help="Log format.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(
     config_path: str | None,
@@ -89,10 +106,13 @@ def serve(
     timeout: float | None,
     control: str | None,
     env: tuple[str, ...],
+    http: str | None,
+    wsgi: str | None,
+    log_format: str | None,
     command: tuple[str, ...],
 ) -> None:
     """Run a pool: fcgipool serve [OPTIONS] [-- COMMAND ARGS...]"""
-    overrides = _overrides(bind, workers, timeout, control, env, command)
+    overrides = _overrides(bind, workers, timeout, control, env, command, http, wsgi, log_format)
     cfg = _load(config_path, overrides, os.geteuid())
     logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
     from .supervisor import Pool
@@ -109,6 +129,120 @@ def serve(
         logs.get("fcgipool").error("startup_failed", error=str(error))
         sys.exit(1)
     sys.exit(code)
+
+
+def _control_path(config_path: str | None, control: str | None) -> str:
+    if control:
+        return control
+    cfg = _load(config_path, {}, euid=None) if config_path else config_module.Config()
+    return cfg.control_path()
+
+
+def _ask(path: str, command: dict[str, Any]) -> dict[str, Any]:
+    """One command over the control socket; exit 1 with a clear message when no pool
+    answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(json.dumps(command).encode() + b"\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError as error:
+        click.echo(f"fcgipool: no pool answers on {path}: {error.strerror or error}", err=True)
+        sys.exit(1)
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        click.echo(f"fcgipool: {path} did not answer in JSON", err=True)
+        sys.exit(1)
+    if not answer.get("ok"):
+        click.echo(f"fcgipool: {answer.get('error', 'refused')}", err=True)
+        sys.exit(1)
+    return answer
+
+
+control_option = click.option("--control", metavar="PATH", help="The pool's control socket.")
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False),
+    help="The pool's config file (to find its control socket).",
+)  # fmt: skip
+
+
+@main.command()
+@config_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="The status document as JSON.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 s until Ctrl-C.")
+def status(config_path: str | None, control: str | None, as_json: bool, watch: bool) -> None:
+    """Show the pool and its children."""
+    path = _control_path(config_path, control)
+    while True:
+        document = _ask(path, {"command": "status"})["status"]
+        if as_json:
+            click.echo(json.dumps(document, indent=2))
+        else:
+            if watch:
+                click.clear()
+            click.echo(format_status(document))
+        if not watch:
+            return
+        time.sleep(2)
+
+
+@main.command()
+@config_option
+@control_option
+def reload(config_path: str | None, control: str | None) -> None:
+    """Re-read the config and replace every child (like SIGHUP)."""
+    _ask(_control_path(config_path, control), {"command": "reload"})
+    click.echo("reloading")
+
+
+@main.command()
+@config_option
+@control_option
+@click.argument("workers", type=click.IntRange(min=1))
+def scale(config_path: str | None, control: str | None, workers: int) -> None:
+    """Run WORKERS children from now on."""
+    _ask(_control_path(config_path, control), {"command": "scale", "workers": workers})
+    click.echo(f"scaling to {workers} children")
+
+
+@main.command()
+@config_option
+@control_option
+@click.option("--fast", is_flag=True, help="Do not wait for requests in flight (like SIGQUIT).")
+def stop(config_path: str | None, control: str | None, fast: bool) -> None:
+    """Stop the pool, gracefully unless --fast."""
+    _ask(_control_path(config_path, control), {"command": "stop", "fast": fast})
+    click.echo("stopping")
+
+
+def format_status(document: dict[str, Any]) -> str:
+    pool = document["pool"]
+    states = ", ".join(f"{n} {state}" for state, n in pool["children"].items() if n) or "none"
+    lines = [
+        f"pool {pool['pid']}  up {pool['uptime']:.0f} s  generation {pool['generation']}  "
+        f"config {pool['config_file'] or '-'}",
+        f"children {pool['workers']} ({states})  queue {pool['queue_length']}/"
+        f"{pool['max_waiting']}  served {pool['requests_served']}  "
+        f"failure pressure {pool['failure_pressure']}/{pool['max_failure_pressure']}"
+        + ("  STOPPING" if pool["stopping"] else ""),
+        "",
+        f"{'PID':>8} {'STATE':<10} {'REQS':>6} {'RSS MiB':>8} {'CPU%':>5} {'AGE s':>7} "
+        f"{'ELAPSED':>8}  REQUEST",
+    ]
+    for row in document["children"]:
+        request = row["request"]
+        current = f"{request['method']} {request['uri']}" if request else ""
+        elapsed = f"{request['elapsed']:.2f}" if request else ""
+        lines.append(
+            f"{row['pid']:>8} {row['state']:<10} {row['requests']:>6} {row['rss'] / 2**20:>8.1f} "
+            f"{row['cpu_percent']:>5.1f} {row['age']:>7.0f} {elapsed:>8}  {current}"
+        )
+    return "\n".join(lines)
 
 
 @main.command("check-config")

@@ -125,8 +125,9 @@ class PoolSection(_Section):
     )
     control: str = Field(
         default="",
-        description="Path of the local control socket; empty puts it next to the first unix "
-        "pool socket.",
+        description="Path of the local control socket (mode 0600) for `fcgipool status`, "
+        "`reload`, `scale`, `stop`; empty puts it next to the first unix pool socket "
+        "(NAME.sock → NAME.ctl).",
     )
 
 
@@ -268,6 +269,29 @@ class TimeoutsSection(_Section):
     )
 
 
+class AdminSection(_Section):
+    http: str = Field(
+        default="",
+        description="Address of the HTTP admin listener (/metrics, /healthz, /readyz, /status), "
+        "e.g. tcp:127.0.0.1:9090; empty is off. Keep it on loopback or a private network.",
+    )
+    ping_path: str = Field(
+        default="",
+        description="A path answered by the pool itself through the pool socket (like "
+        "php-fpm's ping.path), even when every child is busy; e.g. /fcgipool-ping.",
+    )
+    status_path: str = Field(
+        default="",
+        description="A path answered through the pool socket with the pool's status as JSON "
+        "(like php-fpm's pm.status_path); e.g. /fcgipool-status.",
+    )
+    min_ready: int = Field(
+        default=1,
+        ge=0,
+        description="/readyz fails while fewer children than this are ready.",
+    )
+
+
 class LogSection(_Section):
     format: Literal["console", "json"] = Field(default="console", description="Log format.")
     level: Literal["debug", "info", "warning", "error"] = Field(
@@ -279,6 +303,7 @@ class LogSection(_Section):
     file: str = Field(
         default="", description="Log to this file instead of stderr; SIGUSR1 reopens it."
     )
+    access: bool = Field(default=True, description="One access-log line per request.")
 
 
 class Config(_Section):
@@ -288,6 +313,9 @@ class Config(_Section):
         default_factory=LimitsSection, description="Limits on what clients may send or queue."
     )
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection, description="Timeouts.")
+    admin: AdminSection = Field(
+        default_factory=AdminSection, description="Status, metrics and health endpoints."
+    )
     log: LogSection = Field(default_factory=LogSection, description="Logging.")
 
     @property
@@ -296,6 +324,15 @@ class Config(_Section):
 
     def socket_mode(self) -> int:
         return int(self.pool.socket_mode, 8)
+
+    def control_path(self) -> str:
+        """pool.control, else next to the first unix pool socket (NAME.sock → NAME.ctl)."""
+        if self.pool.control:
+            return self.pool.control
+        for address in self.addresses:
+            if address.kind == "unix":
+                return address.path.removesuffix(".sock") + ".ctl"
+        return "/run/fcgipool/fcgipool.ctl"
 
 
 class ConfigError(Exception):
@@ -319,9 +356,10 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_value(text: str) -> Any:
     """An environment value is read as a TOML value when it is one, else as a string."""
     try:
-        return tomlkit.parse(f"v = {text}")["v"].unwrap()
+        value = tomlkit.parse(f"v = {text}")["v"]
     except tomlkit.exceptions.TOMLKitError:
         return text
+    return value.unwrap() if hasattr(value, "unwrap") else value
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

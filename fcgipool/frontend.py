@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
 import pwd
 import socket
@@ -16,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import logs
+from .admin import snapshot
 from .config import Address
 from .protocol import (
     AbortRequest,
@@ -88,7 +90,7 @@ class FrontConnection(asyncio.Protocol):
                 self._begin(event)
             elif kind is Params:
                 request = self.requests.get(event.request_id)
-                if request is not None:
+                if request is not None and not self._answer_locally(request, event.params):
                     request.on_params(event.params, event.raw)
             elif kind is AbortRequest:
                 request = self.requests.get(event.request_id)
@@ -179,6 +181,24 @@ class FrontConnection(asyncio.Protocol):
         return now - self.last_data
 
     # ------------------------------------------------------------ internals
+
+    def _answer_locally(self, request: Request, params: dict[bytes, bytes]) -> bool:
+        """admin.ping_path and admin.status_path are answered by the pool itself, even when
+        every child is busy (php-fpm's ping.path and pm.status_path)."""
+        admin = self.pool.config.admin
+        if not (admin.ping_path or admin.status_path):
+            return False
+        path = (params.get(b"DOCUMENT_URI") or params.get(b"SCRIPT_NAME") or b"").decode("latin-1")
+        if path and path == admin.ping_path:
+            request.params = params
+            request.respond(200, b"pong\n")
+            return True
+        if path and path == admin.status_path:
+            request.params = params
+            body = json.dumps(snapshot(self.pool)).encode()
+            request.respond(200, body, content_type="application/json")
+            return True
+        return False
 
     def _begin(self, event: BeginRequest) -> None:
         if event.role != Role.RESPONDER:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import logs
 from .child import State as ChildState
+from .client import response_status
 from .protocol import (
     EndRequest,
     RecordType,
@@ -34,6 +35,7 @@ from .protocol import (
     encode_response,
     encode_stream,
     retag,
+    stdout_content,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ log = logs.get("fcgipool.request")
 CHILD_REQUEST_ID = 1
 _STDIN_END = encode_record(RecordType.STDIN, CHILD_REQUEST_ID)
 _REPEATABLE = (b"GET", b"HEAD")
+ABORTED = 499  # nginx's code for a request whose client went away
 
 
 class Phase(enum.Enum):
@@ -67,6 +70,7 @@ class Request:
         "_sent_size",
         "body_done",
         "body_size",
+        "bytes_out",
         "child",
         "connection",
         "created",
@@ -77,8 +81,11 @@ class Request:
         "pool",
         "queue_timer",
         "raw_params",
+        "request_class",
         "request_id",
         "response_started",
+        "started",
+        "status",
         "timer",
     )
 
@@ -105,6 +112,10 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
         self.response_started = False
         self.created = time.monotonic()
+        self.started = 0.0  # when a child took it
+        self.status = 0
+        self.bytes_out = 0
+        self.request_class = "default"
 
     def __repr__(self) -> str:
         return f"<Request {self.request_id} {self.phase.value} {self.uri}>"
@@ -159,6 +170,7 @@ class Request:
         """The web server aborted the request or went away: stop all work for it."""
         if self.phase is not Phase.DONE:
             self.give_up()
+            self.status = ABORTED
             self._finish()
 
     # ------------------------------------------------------------ to and from a child
@@ -167,6 +179,9 @@ class Request:
         """The dispatcher gives this request a free child."""
         self.child = child
         child.state = ChildState.BUSY
+        child.request = self
+        if not self.started:
+            self.started = time.monotonic()
         connection = child.usable_connection()
         if connection is not None:
             self._attach(connection, reused=True)
@@ -220,9 +235,11 @@ class Request:
         if has_output and not self.response_started:
             self.response_started = True
             self._sent = None
+            self.status = response_status(stdout_content(records, starts))
         if self.request_id != CHILD_REQUEST_ID:
             records = retag(records, starts, self.request_id)
         self.front.write(records)
+        self.bytes_out += len(records)
         if end is not None:
             child = self.child
             self._finish()
@@ -251,6 +268,7 @@ class Request:
             log.info("request_retried", uri=self.uri, pid=child.pid if child else 0)
             self.child = None
             if child is not None:
+                child.request = None
                 self.pool.recover(child)
             self.phase = Phase.QUEUED
             self.pool.dispatcher.submit(self, first=True)
@@ -303,11 +321,19 @@ class Request:
 
     # ------------------------------------------------------------ endings
 
-    def respond(self, status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...] = (),
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> None:
         """Answer from the pool itself and end the request."""
         if self.phase is Phase.DONE:
             return
-        self.front.write(encode_response(self.request_id, status, body, headers))
+        data = encode_response(self.request_id, status, body, headers, content_type)
+        self.front.write(data)
+        self.status, self.bytes_out = status, len(data)
         self._finish()
 
     def give_up(self) -> None:
@@ -316,6 +342,7 @@ class Request:
             self.pool.dispatcher.withdraw(self)
         elif self.phase in (Phase.CONNECTING, Phase.RUNNING) and self.child is not None:
             child, self.child = self.child, None
+            child.request = None
             if self.connection is not None:
                 self.connection.handler = None
                 self.connection = None
@@ -330,8 +357,13 @@ class Request:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        was_done = self.phase is Phase.DONE
         self.phase = Phase.DONE
         self.connection = None
         self._pending.clear()
         self._sent = None
+        if self.child is not None and self.child.request is self:
+            self.child.request = None
         self.front.request_finished(self)
+        if not was_done:
+            self.pool.request_done(self)

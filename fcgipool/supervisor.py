@@ -16,23 +16,28 @@ import contextlib
 import ctypes
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 from . import config as config_module
 from . import logs, systemd
+from .admin import ControlServer, HttpAdmin
 from .child import Child, State, child_environment
 from .config import Config
 from .dispatch import Dispatcher
 from .frontend import FrontConnection, bind
+from .metrics import Metrics
 
 log = logs.get("fcgipool.supervisor")
+access_log = logs.get("fcgipool.access")
 
 EXIT_PRESSURE = 3
 _PR_SET_CHILD_SUBREAPER = 36
@@ -82,10 +87,14 @@ class Pool:
         self.runtime_dir = ""
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_sockets: list[socket.socket] = []
+        self.admin_servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[str] = []
         self.child_env = child_environment(config.child, os.environ)
         self.exit_code = 0
         self.started_at = time.monotonic()
+        self.requests_served = 0
+        self.metrics = Metrics(self)
+        self.control: ControlServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -100,12 +109,20 @@ class Pool:
         tasks = []
         try:
             await self._listen(loop)
+            await self._start_admin(loop)
             self.reconcile()
             tasks = [loop.create_task(self._sweep()), loop.create_task(self._watch_children())]
+            watchdog = systemd.watchdog_interval()
+            if watchdog:
+                tasks.append(loop.create_task(self._watchdog(watchdog)))
             await self._stopped
         finally:
             for task in tasks:
                 task.cancel()
+            if self.control is not None:
+                self.control.close()
+            for server in self.admin_servers:
+                server.close()
             self._unlink_sockets()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         log.info("pool_stopped", exit_code=self.exit_code)
@@ -136,6 +153,76 @@ class Pool:
             self.servers.append(server)
             log.info("listening", address=_sockname(sock))
         self.listen_sockets = sockets
+
+    async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.control = ControlServer(self, self.config.control_path())
+        await self.control.start()
+        if self.config.admin.http:
+            address = config_module.Address.parse(self.config.admin.http)
+            if address.kind == "unix":
+                server = await loop.create_unix_server(lambda: HttpAdmin(self), address.path)
+            else:
+                server = await loop.create_server(
+                    lambda: HttpAdmin(self), address.host, address.port, reuse_address=True
+                )
+            self.admin_servers.append(server)  # stays up while the pool drains
+            log.info("admin_http", address=str(address))
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd kills a pool whose loop stops: ping while the loop turns."""
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def ready(self) -> bool:
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: enough ready children, room in the queue, pressure under the limit,
+        and not stopping."""
+        if self.stopping:
+            return False, "stopping"
+        ready = self._ready_active()
+        if ready < max(1, min(self.config.admin.min_ready, self.config.pool.workers)):
+            return False, f"{ready} children ready"
+        if len(self.dispatcher.waiting) >= self.config.limits.max_waiting:
+            return False, "queue full"
+        if self.failure_pressure() > self.config.pool.max_failure_pressure:
+            return False, "failure pressure above the limit"
+        return True, f"ready: {ready} children"
+
+    def request_done(self, request: Any) -> None:
+        """Every request ends here once: count it, time it, log it."""
+        now = time.monotonic()
+        started = request.started or now
+        status = request.status or 502
+        self.requests_served += 1
+        duration = now - request.created
+        wait = started - request.created
+        self.metrics.observe(status, request.request_class, duration, wait, request.bytes_out)
+        if self.config.log.access:
+            params = request.params
+            child = request.child
+            access_log.info(
+                "access",
+                id=(params.get(b"REQUEST_ID") or params.get(b"HTTP_X_REQUEST_ID") or b"").decode(
+                    "latin-1"
+                )
+                or str(self.requests_served),
+                client=params.get(b"REMOTE_ADDR", b"").decode("latin-1"),
+                method=params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
+                uri=request.uri,
+                project=project_of(params),
+                request_class=request.request_class,
+                pid=child.pid if child is not None else None,
+                wait_ms=round(wait * 1000, 2),
+                ms=round(duration * 1000, 2),
+                status=status,
+                bytes=request.bytes_out,
+            )
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {
@@ -525,6 +612,18 @@ class Pool:
         limit = str(self.config.limits.max_connections).encode()
         known = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
         return {name: known[name] for name in names if name in known}
+
+
+_MAP = re.compile(rb"(?:^|&)map=([^&]*)", re.IGNORECASE)
+
+
+def project_of(params: Mapping[bytes, bytes]) -> str:
+    """The QGIS project a request names: QGIS_PROJECT_FILE, else MAP in the query."""
+    project = params.get(b"QGIS_PROJECT_FILE")
+    if project:
+        return project.decode("utf-8", "replace")
+    match = _MAP.search(params.get(b"QUERY_STRING", b""))
+    return urllib.parse.unquote(match.group(1).decode("latin-1")) if match else ""
 
 
 def _sockname(sock: socket.socket) -> str:

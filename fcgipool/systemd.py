@@ -45,3 +45,16 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float:
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), 0 when none are wanted."""
+    env = os.environ if environ is None else environ
+    try:
+        usec = int(env.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return 0.0
+    pid = env.get("WATCHDOG_PID", "")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return 0.0
+    return usec / 2e6

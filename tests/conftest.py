@@ -261,3 +261,19 @@ def nginx_factory(workdir: Path) -> Iterator[Callable[[str], Nginx]]:
     yield start
     for server in started:
         server.stop()
+
+
+FAULT_APP = APPS / "fault_app.py"
+
+
+def fault_config(workdir: Path, args: tuple[str, ...] = (), **sections: dict) -> dict:
+    """A pool of tests/apps/fault_app.py children with short supervision timeouts."""
+    config: dict = {
+        "pool": {"bind": [f"unix:{workdir}/pool.sock"], "workers": 2},
+        "child": {"command": [sys.executable, str(FAULT_APP), *args], "cwd": str(APPS),
+                  "allow_root": True, "respawn_delay": 0.1},
+        "timeouts": {"request": 2.0, "cancel": 1.0, "kill_grace": 1.0},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config

@@ -65,12 +65,15 @@ def test_precedence_defaults_file_environment_flags(tmp_path):
     path = tmp_path / "pool.toml"
     path.write_text('[pool]\nworkers = 3\n[limits]\nmax_waiting = 5\n[child]\nenv = {A = "1"}\n')
     environ = {"FCGIPOOL_LIMITS__MAX_WAITING": "7", "FCGIPOOL_LOG__FORMAT": "json",
+               "FCGIPOOL_CHILD__ALLOW_ROOT": "true", "FCGIPOOL_TIMEOUTS__CANCEL": "2.5",
                "FCGIPOOL_POOL__BIND": '["tcp:127.0.0.1:9001"]', "UNRELATED": "x"}
     flags = _overrides(("unix:/tmp/a.sock",), 4, 12.5, None, ("B=2",), ("/bin/app", "-v"))
     cfg = config.build(path, flags, environ)
     assert cfg.pool.workers == 4  # flag over file
     assert cfg.limits.max_waiting == 7  # environment over file
     assert cfg.log.format == "json"
+    assert cfg.child.allow_root is True
+    assert cfg.timeouts.cancel == 2.5
     assert cfg.pool.bind == ["unix:/tmp/a.sock"]  # flag over environment
     assert cfg.timeouts.request == 12.5
     assert cfg.child.command == ["/bin/app", "-v"]

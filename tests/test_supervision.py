@@ -14,22 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import APPS, wait_for
+from conftest import fault_config, wait_for
 from fcgipool import client, protocol
-
-FAULT_APP = APPS / "fault_app.py"
-
-
-def fault_config(workdir: Path, args: tuple[str, ...] = (), **sections: dict) -> dict:
-    config: dict = {
-        "pool": {"bind": [f"unix:{workdir}/pool.sock"], "workers": 2},
-        "child": {"command": [sys.executable, str(FAULT_APP), *args], "cwd": str(APPS),
-                  "allow_root": True, "respawn_delay": 0.1},
-        "timeouts": {"request": 2.0, "cancel": 1.0, "kill_grace": 1.0},
-    }
-    for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
-    return config
 
 
 def zombies_of(pid: int) -> list[int]:
