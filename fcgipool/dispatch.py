@@ -7,7 +7,7 @@ even while it is busy, so a connect proves nothing). When none is idle it waits,
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ class Dispatcher:
             request.start(self.idle.pop())
             return
         if first:
+            request.queued_at = time.monotonic()
             self.waiting.appendleft(request)
             return
         if len(self.waiting) >= self.limits.max_waiting:
@@ -43,20 +44,13 @@ class Dispatcher:
             log.warning("queue_full", waiting=len(self.waiting), uri=request.uri)
             self._unavailable(request, b"All children are busy and the queue is full\n")
             return
+        request.queued_at = time.monotonic()
         self.waiting.append(request)
-        if request.queue_timer is None:
-            request.queue_timer = asyncio.get_running_loop().call_later(
-                self.limits.queue_timeout, self._expire, request
-            )
 
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the oldest waiting request, else keep it."""
         if self.waiting:
-            request = self.waiting.popleft()
-            if request.queue_timer is not None:
-                request.queue_timer.cancel()
-                request.queue_timer = None
-            request.start(child)
+            self.waiting.popleft().start(child)
         else:
             self.idle.append(child)
 
@@ -74,12 +68,16 @@ class Dispatcher:
             request = self.waiting.popleft()
             request.respond(503, body)
 
-    def _expire(self, request: Request) -> None:
-        request.queue_timer = None
-        self.withdraw(request)
-        self.expired += 1
-        log.warning("queue_timeout", uri=request.uri, seconds=self.limits.queue_timeout)
-        self._unavailable(request, b"No child became free in time\n")
+    def expire(self, now: float) -> None:
+        """Answer 503 to the requests that waited longer than queue_timeout. The queue is
+        in arrival order, so only its head needs looking at (called a few times a second,
+        instead of a timer per request)."""
+        limit = now - self.limits.queue_timeout
+        while self.waiting and self.waiting[0].queued_at < limit:
+            request = self.waiting.popleft()
+            self.expired += 1
+            log.warning("queue_timeout", uri=request.uri, seconds=self.limits.queue_timeout)
+            self._unavailable(request, b"No child became free in time\n")
 
     def _unavailable(self, request: Request, body: bytes) -> None:
         request.respond(503, body, (("Retry-After", str(self.limits.retry_after)),))

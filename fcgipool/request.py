@@ -18,7 +18,6 @@ Past the request timeout the web server gets a 504 at once and the child is canc
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 from typing import TYPE_CHECKING
@@ -79,14 +78,13 @@ class Request:
         "params",
         "phase",
         "pool",
-        "queue_timer",
+        "queued_at",
         "raw_params",
         "request_class",
         "request_id",
         "response_started",
         "started",
         "status",
-        "timer",
     )
 
     def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, pool: Pool):
@@ -108,8 +106,7 @@ class Request:
         self.child: Child | None = None
         self.connection: ChildConnection | None = None
         self.phase = Phase.RECEIVING
-        self.queue_timer: asyncio.TimerHandle | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.queued_at = 0.0
         self.response_started = False
         self.created = time.monotonic()
         self.started = 0.0  # when a child took it
@@ -190,7 +187,7 @@ class Request:
 
     def _connect_later(self, child: Child) -> None:
         self.phase = Phase.CONNECTING
-        asyncio.get_running_loop().create_task(self._connect(child))
+        self.pool.loop.create_task(self._connect(child))
 
     async def _connect(self, child: Child) -> None:
         connection = await child.connect()
@@ -216,10 +213,6 @@ class Request:
         if not self.response_started:
             self._sent = []
             self._keep_sent(data)
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(
-                self.pool.config.timeouts.request, self._timed_out
-            )
         self.front.release_reading(self)
 
     def _keep_sent(self, data: bytes) -> None:
@@ -289,8 +282,9 @@ class Request:
     def _repeatable(self) -> bool:
         return self.params.get(b"REQUEST_METHOD", b"GET") in _REPEATABLE
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def timed_out(self) -> None:
+        """Past timeouts.request (the pool checks a few times a second): 504 at once, and
+        the child is cancelled."""
         if self.phase is Phase.DONE:
             return
         seconds = self.pool.config.timeouts.request
@@ -351,12 +345,6 @@ class Request:
             self.phase = Phase.QUEUED  # so a connect in progress sees the change
 
     def _finish(self) -> None:
-        if self.queue_timer is not None:
-            self.queue_timer.cancel()
-            self.queue_timer = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         was_done = self.phase is Phase.DONE
         self.phase = Phase.DONE
         self.connection = None

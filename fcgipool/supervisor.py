@@ -97,11 +97,12 @@ class Pool:
         self.control: ControlServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by run(); used on the hot path
 
     # ------------------------------------------------------------------ running
 
     async def run(self) -> int:
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = self.loop = loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
         self._install_signals(loop)
         _become_subreaper()
@@ -111,7 +112,11 @@ class Pool:
             await self._listen(loop)
             await self._start_admin(loop)
             self.reconcile()
-            tasks = [loop.create_task(self._sweep()), loop.create_task(self._watch_children())]
+            tasks = [
+                loop.create_task(self._sweep()),
+                loop.create_task(self._watch_children()),
+                loop.create_task(self._time_requests()),
+            ]
             watchdog = systemd.watchdog_interval()
             if watchdog:
                 tasks.append(loop.create_task(self._watchdog(watchdog)))
@@ -249,6 +254,19 @@ class Pool:
                     connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
             if self.stopping:
                 self._maybe_finish_drain()
+
+    async def _time_requests(self) -> None:
+        """Ten times a second: requests past timeouts.request, and waits past
+        limits.queue_timeout. Cheaper than a timer per request, precise to 0.1 s."""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            self.dispatcher.expire(now)
+            limit = now - self.config.timeouts.request
+            for child in self.children:
+                request = child.request
+                if request is not None and request.started and request.started < limit:
+                    request.timed_out()
 
     async def _watch_children(self) -> None:
         """Every rss_interval: recycle children past max_rss or max_lifetime."""

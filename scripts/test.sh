@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on Debian bookworm (run as root) and runs it.
-# Real components only: nginx, QGIS Server, spawn-fcgi, systemd-socket-activate.
+# Real components only: nginx, Apache, QGIS Server, spawn-fcgi, systemd-socket-activate;
+# hadolint and kubernetes-validate come from PyPI with the `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nginx-light qgis-server spawn-fcgi libfcgi-bin wrk systemd python3-venv python3-dev gcc util-linux prometheus chromium)
+packages=(nginx-light apache2 qgis-server spawn-fcgi libfcgi-bin wrk systemd python3-venv python3-dev gcc util-linux prometheus chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -15,8 +16,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# The nginx package starts a default site on port 80; the tests run their own instances.
+# The nginx and apache2 packages start a default site on port 80; the tests run their own
+# instances (tests/test_deploy.py: Apache with mod_proxy_fcgi, in the foreground).
 systemctl disable --now nginx >/dev/null 2>&1 || true
+systemctl disable --now apache2 >/dev/null 2>&1 || true
 
 # The heavy demo project's 50,000 points are generated, not stored in git.
 [ -s demo/project/data/heavy_points.geojson ] || /usr/bin/python3 demo/make_project.py --heavy-only >/dev/null
