@@ -149,11 +149,17 @@ class ChildConnection(asyncio.Protocol):
 
 
 class _OutputLines(asyncio.Protocol):
-    """Reads a child's stdout or stderr and logs it line by line, each line bounded."""
+    """Reads a child's stdout or stderr and logs it line by line, each line bounded, at most
+    ``rate`` lines a second on average (a token bucket holding 10 s worth): a child that
+    floods its stderr must not flood the pool's log or its loop."""
 
-    def __init__(self, pid: int, stream: str, enabled: bool) -> None:
+    def __init__(self, pid: int, stream: str, enabled: bool, rate: float) -> None:
         self.pid, self.stream, self.enabled = pid, stream, enabled
         self.partial = b""
+        self.rate = rate
+        self.tokens = self.burst = rate * 10
+        self.refilled = time.monotonic()
+        self.suppressed = 0
 
     def data_received(self, data: bytes) -> None:
         if not self.enabled:
@@ -165,12 +171,25 @@ class _OutputLines(asyncio.Protocol):
 
     def _emit(self, line: bytes) -> None:
         text = line[:_MAX_LINE].decode("utf-8", "replace").rstrip()
-        if text:
-            log.info("child_output", pid=self.pid, stream=self.stream, line=text)
+        if not text:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.refilled) * self.rate)
+        self.refilled = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return
+        self.tokens -= 1
+        if self.suppressed:
+            log.warning("child_output_suppressed", pid=self.pid, lines=self.suppressed)
+            self.suppressed = 0
+        log.info("child_output", pid=self.pid, stream=self.stream, line=text)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.partial:
             self._emit(self.partial)
+        if self.suppressed:
+            log.warning("child_output_suppressed", pid=self.pid, lines=self.suppressed)
 
 
 class Probe:
@@ -238,7 +257,7 @@ class Child:
 
     # ------------------------------------------------------------------ life cycle
 
-    def spawn(self, env: dict[str, str], log_output: bool) -> None:
+    def spawn(self, env: dict[str, str], log_output: bool, output_rate: float = 50.0) -> None:
         """Fork and exec the command with its private listening socket as fd 0."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -271,7 +290,7 @@ class Child:
             self._process = psutil.Process(self.pid)
         loop = asyncio.get_running_loop()
         for stream, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr)):
-            protocol = _OutputLines(self.pid, stream, log_output)
+            protocol = _OutputLines(self.pid, stream, log_output, output_rate)
             self._readers.append(
                 loop.create_task(loop.connect_read_pipe(lambda p=protocol: p, pipe))
             )

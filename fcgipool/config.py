@@ -304,6 +304,12 @@ class LogSection(_Section):
         default="", description="Log to this file instead of stderr; SIGUSR1 reopens it."
     )
     access: bool = Field(default=True, description="One access-log line per request.")
+    child_output_rate: float = Field(
+        default=50.0,
+        gt=0,
+        description="Lines per second logged from one child's output (a burst of 10 s worth "
+        "passes); the rest is dropped and counted in a child_output_suppressed line.",
+    )
 
 
 class Config(_Section):

@@ -331,7 +331,8 @@ class Pool:
             )
         self.children.append(child)
         try:
-            child.spawn(self.child_env, self.config.log.child_output)
+            log_section = self.config.log
+            child.spawn(self.child_env, log_section.child_output, log_section.child_output_rate)
         except (OSError, subprocess.SubprocessError) as error:
             log.error("child_spawn_failed", error=str(error))
             child.state = State.DEAD

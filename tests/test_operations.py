@@ -248,3 +248,18 @@ def test_wsgi_mode_with_a_bad_target_is_a_failed_start(pool_factory, workdir):
     pool = pool_factory(config, args=["--wsgi", "no_such_module:app"], ready=False)
     assert pool.process.wait(60) == 3
     assert "No module named 'no_such_module'" in pool.log()
+
+
+def test_child_output_flood_is_rate_limited(pool_factory, workdir):
+    config = fault_config(workdir, pool={"workers": 1}, log={"child_output_rate": 5.0},
+                          child={"env": {"FAULT_LOG_EVERY_REQUEST": "1"}})
+    pool = pool_factory(config)
+    for i in range(120):
+        assert client.request(pool.address, f"/?n={i}").status == 200
+    # 5 lines a second with a burst of 50: far fewer than 120 lines get through.
+    wait_for(lambda: "fault_app pid=" in pool.log(), 10, "some child lines")
+    logged = pool.log().count("child_output ")
+    assert logged < 100
+    os.kill(pool.pid, signal.SIGTERM)
+    assert pool.process.wait(30) == 0
+    assert "child_output_suppressed" in pool.log()
