@@ -56,6 +56,7 @@ def snapshot(pool: Pool) -> dict[str, Any]:
                 "cpu_percent": child.cpu_percent(),
                 "age": round(now - child.started_at, 3),
                 "retiring": child.retiring or None,
+                "projects": list(child.projects),
             }
         )
     return {
@@ -68,7 +69,11 @@ def snapshot(pool: Pool) -> dict[str, Any]:
             "config_file": pool.config_path,
             "workers": pool.config.pool.workers,
             "children": counts,
-            "queue_length": len(pool.dispatcher.waiting),
+            "queue_length": pool.dispatcher.waiting,
+            "classes": {
+                queue.name: {"waiting": len(queue.waiting), "running": queue.running}
+                for queue in pool.dispatcher.by_priority
+            },
             "max_waiting": pool.config.limits.max_waiting,
             "connections": len(pool.connections),
             "requests_served": pool.requests_served,

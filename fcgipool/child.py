@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
@@ -249,6 +250,8 @@ class Child:
         self.retiring = ""  # why this child is being replaced; empty while it is not
         self.warmups_done = 0
         self.request: object | None = None  # the Request being served, for status
+        self.projects: OrderedDict[str, None] = OrderedDict()  # served lately, newest last
+        self.warmup: list[str] = list(section.warmup)
         self._process: psutil.Process | None = None
         self._readers: list[asyncio.Task[object]] = []
 

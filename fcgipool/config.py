@@ -7,6 +7,7 @@ environment variables, command-line flags. Every error names the key path and th
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    model_validator,
 )
 
 ENV_PREFIX = "FCGIPOOL_"
@@ -242,7 +244,20 @@ class LimitsSection(_Section):
         "is closed.",
     )
     max_waiting: int = Field(
-        default=64, ge=0, description="Requests that may wait for a free child; more get 503."
+        default=64,
+        ge=0,
+        description="Requests that may wait for a free child, per class; more get 503.",
+    )
+    max_per_client: int = Field(
+        default=0,
+        ge=0,
+        description="Requests of one client served at once (like GeoServer's user rule); "
+        "more wait their turn in the queue. 0 is no limit.",
+    )
+    client_param: str = Field(
+        default="REMOTE_ADDR",
+        description="The FastCGI param that identifies a client, e.g. HTTP_X_FORWARDED_FOR "
+        "behind a proxy.",
     )
     queue_timeout: Seconds = Field(
         default=30.0, description="Seconds a request may wait for a free child before a 503."
@@ -292,6 +307,99 @@ class AdminSection(_Section):
     )
 
 
+LIGHT_REQUESTS = (
+    "GetCapabilities|GetLegendGraphic|GetFeatureInfo|DescribeFeatureType|DescribeLayer|"
+    "GetStyles|GetProjectSettings|GetSchemaExtension|DescribeCoverage|DescribeProcess"
+)
+HEAVY_REQUESTS = "GetMap|GetPrint|GetFeature|GetFeatureWithLock|GetCoverage|GetTile|Execute"
+
+
+def _check_regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"{text!r} is not a valid regular expression: {error}") from None
+    return text
+
+
+def _check_match_key(text: str) -> str:
+    if text.upper() in ("SERVICE", "REQUEST") or (text.startswith("param:") and len(text) > 6):
+        return text
+    raise ValueError(f"{text!r}: match on SERVICE, REQUEST or param:NAME (a FastCGI param)")
+
+
+class RequestClass(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Class name.")
+    match: dict[
+        Annotated[str, AfterValidator(_check_match_key)],
+        Annotated[str, AfterValidator(_check_regex)],
+    ] = Field(
+        default_factory=dict,
+        description="All must match (regular expressions, whole value, case-insensitive): "
+        "SERVICE and REQUEST are the OGC parameters, read from the query string or a small "
+        "POST body; param:NAME is any FastCGI param (SCRIPT_NAME, REQUEST_METHOD...).",
+    )
+    priority: int = Field(default=0, description="Waiting requests of higher priority go first.")
+    max_children: int = Field(
+        default=0, ge=0, description="Children this class may use at once; 0 is all."
+    )
+    reserved: int = Field(
+        default=0,
+        ge=0,
+        description="Children kept free for this class: other classes never take the last "
+        "ones while this class is not using them.",
+    )
+    max_waiting: int | None = Field(
+        default=None, ge=0, description="Queue bound of this class; default limits.max_waiting."
+    )
+    queue_timeout: float | None = Field(
+        default=None, gt=0, description="Default limits.queue_timeout."
+    )
+    request_timeout: float | None = Field(
+        default=None, gt=0, description="Default timeouts.request."
+    )
+
+
+def default_classes() -> list[RequestClass]:
+    return [
+        RequestClass(name="light", match={"REQUEST": LIGHT_REQUESTS}, priority=10),
+        RequestClass(name="heavy", match={"REQUEST": HEAVY_REQUESTS}, priority=0),
+    ]
+
+
+class ProjectsSection(_Section):
+    parameter: str = Field(
+        default="MAP",
+        description="Query parameter naming the project (QGIS: MAP). The FastCGI param "
+        "QGIS_PROJECT_FILE, when nginx sets one, names it too.",
+    )
+    memory: int = Field(
+        default=5,
+        ge=0,
+        description="Projects remembered per child: a request goes to an idle child that "
+        "served its project recently (its project cache is warm); 0 turns affinity off.",
+    )
+    pinned: list[str] = Field(
+        default_factory=list,
+        description="Projects loaded on every child (new, respawned, recycled) before it "
+        "takes traffic, with pinned_uri.",
+    )
+    pinned_uri: str = Field(
+        default="/?MAP={project}&SERVICE=WMS&REQUEST=GetCapabilities",
+        description="Warm-up request for a pinned project; {project} is replaced (URL-quoted).",
+    )
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="When set, a project outside these directories (after resolving .. and "
+        "symlinks) gets 403 from the pool and never reaches a child.",
+    )
+    search_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Aliases: a project named /ALIAS/rest is the file DIRECTORY/rest "
+        '(e.g. {"/cadastre" = "/srv/qgis/cadastre"}); the child sees the real path.',
+    )
+
+
 class LogSection(_Section):
     format: Literal["console", "json"] = Field(default="console", description="Log format.")
     level: Literal["debug", "info", "warning", "error"] = Field(
@@ -322,6 +430,30 @@ class Config(_Section):
     admin: AdminSection = Field(
         default_factory=AdminSection, description="Status, metrics and health endpoints."
     )
+    projects: ProjectsSection = Field(
+        default_factory=ProjectsSection,
+        description="Projects (QGIS): affinity, pinned projects, allowed roots.",
+    )
+    classes: list[RequestClass] = Field(
+        default_factory=default_classes,
+        description="Request classes, first match wins; a request that matches none is in "
+        "class `default` (priority 5, no limits) unless a class of that name is listed.",
+    )
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> Config:
+        names = [rule.name for rule in self.classes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"classes: duplicate class names {duplicates}")
+        reserved = sum(rule.reserved for rule in self.classes)
+        if reserved and reserved >= self.pool.workers:
+            raise ValueError(
+                f"classes: {reserved} reserved children leave none for the others "
+                f"(pool.workers = {self.pool.workers})"
+            )
+        return self
+
     log: LogSection = Field(default_factory=LogSection, description="Logging.")
 
     @property
@@ -439,9 +571,9 @@ def runtime_problems(cfg: Config, euid: int | None) -> list[str]:
 
 
 def _describe(item: Mapping[str, Any]) -> str:
-    path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    path = ".".join(str(part) for part in item["loc"])
     message = item["msg"].removeprefix("Value error, ")
-    return f"{path}: {message}"
+    return f"{path}: {message}" if path else message
 
 
 def default_toml() -> str:
@@ -450,21 +582,34 @@ def default_toml() -> str:
     document.add(tomlkit.comment("fcgipool configuration. Every key is shown with its default."))
     defaults = Config().model_dump(mode="json")
     for section, field in Config.model_fields.items():
+        if section == "classes":
+            continue
         table = tomlkit.table()
         table.comment(field.description or "")
-        model = field.annotation
-        for key, subfield in model.model_fields.items():  # type: ignore[union-attr]
+        for key, subfield in field.annotation.model_fields.items():  # type: ignore[union-attr]
             for line in _wrap(subfield.description or ""):
                 table.add(tomlkit.comment(line))
-            value = defaults[section][key]
-            if isinstance(value, dict):
-                inline = tomlkit.inline_table()
-                inline.update(value)
-                value = inline
-            table.add(key, value)
+            table.add(key, _toml_item(defaults[section][key]))
         document.add(tomlkit.nl())
         document.add(section, table)
+    document.add(tomlkit.nl())
+    for line in _wrap(Config.model_fields["classes"].description or ""):
+        document.add(tomlkit.comment(line))
+    for key, subfield in RequestClass.model_fields.items():
+        document.add(tomlkit.comment(f"  {key}: {subfield.description}"))
+    classes = tomlkit.aot()
+    for rule in defaults["classes"]:
+        classes.append(tomlkit.item({k: v for k, v in rule.items() if v is not None}))
+    document.add("classes", classes)
     return tomlkit.dumps(document)
+
+
+def _toml_item(value: Any) -> Any:
+    if isinstance(value, dict):
+        inline = tomlkit.inline_table()
+        inline.update(value)
+        return inline
+    return value
 
 
 def _wrap(text: str, width: int = 92) -> list[str]:
@@ -494,6 +639,8 @@ def reference_markdown() -> str:
     ]
     defaults = Config().model_dump(mode="json")
     for section, field in Config.model_fields.items():
+        if section == "classes":
+            continue
         lines += [f"## [{section}]", "", field.description or "", ""]
         lines += ["| key | default | meaning |", "|---|---|---|"]
         model = field.annotation
@@ -502,4 +649,15 @@ def reference_markdown() -> str:
             text = (subfield.description or "").replace("|", "\\|")
             lines.append(f"| `{key}` | `{default}` | {text} |")
         lines.append("")
+    lines += ["## [[classes]]", "", Config.model_fields["classes"].description or "", ""]
+    lines += ["| key | meaning |", "|---|---|"]
+    for key, subfield in RequestClass.model_fields.items():
+        text = (subfield.description or "").replace("|", "\\|")
+        lines.append(f"| `{key}` | {text} |")
+    lines += ["", "The default classes:", "", "```toml"]
+    for rule in defaults["classes"]:
+        item = {k: v for k, v in rule.items() if v is not None}
+        lines.append(tomlkit.dumps({"classes": [item]}).strip())
+        lines.append("")
+    lines += ["```", ""]
     return "\n".join(lines)

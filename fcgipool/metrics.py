@@ -104,8 +104,19 @@ class _PoolCollector:
         yield GaugeMetricFamily(
             "fcgipool_queue_length",
             "Requests waiting for a free child.",
-            value=len(pool.dispatcher.waiting),
+            value=pool.dispatcher.waiting,
         )
+        queues = GaugeMetricFamily(
+            "fcgipool_class_queue_length", "Waiting requests by class.", labels=["class"]
+        )
+        running = GaugeMetricFamily(
+            "fcgipool_class_running", "Requests being served by class.", labels=["class"]
+        )
+        for queue in pool.dispatcher.by_priority:
+            queues.add_metric([queue.name], len(queue.waiting))
+            running.add_metric([queue.name], queue.running)
+        yield queues
+        yield running
         limit = pool.config.limits.max_waiting
         yield GaugeMetricFamily("fcgipool_queue_limit", "Bound of the queue.", value=limit)
         yield GaugeMetricFamily(

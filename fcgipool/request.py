@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING
 
 from . import logs
 from .child import State as ChildState
+from .classify import ogc_from_body
 from .client import response_status
 from .protocol import (
     EndRequest,
     RecordType,
     encode_begin_request,
+    encode_pairs,
     encode_params,
     encode_record,
     encode_response,
@@ -47,6 +49,7 @@ log = logs.get("fcgipool.request")
 CHILD_REQUEST_ID = 1
 _STDIN_END = encode_record(RecordType.STDIN, CHILD_REQUEST_ID)
 _REPEATABLE = (b"GET", b"HEAD")
+_CLASSIFY_BODY_LIMIT = 65536  # POST bodies up to this size are read to classify them
 ABORTED = 499  # nginx's code for a request whose client went away
 
 
@@ -60,6 +63,7 @@ class Phase(enum.Enum):
 
 class Request:
     __slots__ = (
+        "_body_head",
         "_pending",
         "_pending_size",
         "_replayed",
@@ -72,12 +76,14 @@ class Request:
         "bytes_out",
         "child",
         "connection",
+        "counted",
         "created",
         "front",
         "keep_conn",
         "params",
         "phase",
         "pool",
+        "project",
         "queued_at",
         "raw_params",
         "request_class",
@@ -85,6 +91,7 @@ class Request:
         "response_started",
         "started",
         "status",
+        "timeout",
     )
 
     def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, pool: Pool):
@@ -96,6 +103,7 @@ class Request:
         self.raw_params = b""
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._body_head: bytearray | None = None
         self._sent: list[bytes] | None = None
         self._sent_size = 0
         self._reused = False
@@ -113,6 +121,9 @@ class Request:
         self.status = 0
         self.bytes_out = 0
         self.request_class = "default"
+        self.project = ""
+        self.timeout = pool.config.timeouts.request
+        self.counted = False  # holds a place in its class's running count
 
     def __repr__(self) -> str:
         return f"<Request {self.request_id} {self.phase.value} {self.uri}>"
@@ -129,10 +140,46 @@ class Request:
         if length.isdigit() and int(length) > self.pool.config.limits.max_body_size:
             self.respond(413, b"Request body too large\n")
             return
+        if (
+            params.get(b"REQUEST_METHOD") == b"POST"
+            and length.isdigit()
+            and 0 < int(length) <= _CLASSIFY_BODY_LIMIT
+            and not self.body_done
+        ):
+            self._body_head = bytearray()  # an OGC request may be in the body: wait for it
+            return
+        self._admit(None)
+
+    def _admit(self, body: bytes | None) -> None:
+        """Classify, check the project, then queue or start."""
+        classifier = self.pool.classifier
+        params = self.params
+        ogc = classifier.ogc(params)
+        if body and not ("SERVICE" in ogc and "REQUEST" in ogc):
+            content_type = params.get(b"CONTENT_TYPE", b"").decode("latin-1").lower()
+            from_body = ogc_from_body(body, content_type, classifier.wanted)
+            ogc = {**from_body, **ogc}
+        rule = classifier.classify(ogc, params)
+        self.request_class = rule.name
+        self.timeout = self.pool.dispatcher.classes[rule.name].request_timeout
+        project = classifier.project(ogc, params)
+        if project:
+            check = classifier.check(project)
+            if not check.allowed:
+                log.warning("project_refused", project=project, uri=self.uri)
+                self.project = project
+                self.respond(403, b"This project is not served here\n")
+                return
+            if check.path:
+                self.params = classifier.rewrite(params, ogc, check.path)
+                self.raw_params = encode_pairs(self.params.items())
+                project = check.path
+        self.project = project
         head = encode_begin_request(
             CHILD_REQUEST_ID, keep_conn=self.pool.config.child.keep_conn
-        ) + encode_params(CHILD_REQUEST_ID, raw)
-        self._pending.append(head)
+        ) + encode_params(CHILD_REQUEST_ID, self.raw_params)
+        self._pending.insert(0, head)
+        self._pending_size += len(head)
         self.phase = Phase.QUEUED
         self.pool.dispatcher.submit(self)
 
@@ -151,6 +198,8 @@ class Request:
                 self.respond(413, b"Request body too large\n")
                 return
             record = encode_stream(RecordType.STDIN, CHILD_REQUEST_ID, data)
+            if self._body_head is not None:
+                self._body_head += data
         else:
             self.body_done = True
             record = _STDIN_END
@@ -160,7 +209,12 @@ class Request:
             return
         self._pending.append(record)
         self._pending_size += len(record)
-        if self._pending_size > self.pool.config.limits.body_buffer:
+        if self._body_head is not None and (
+            self.body_done or len(self._body_head) > _CLASSIFY_BODY_LIMIT
+        ):
+            body, self._body_head = bytes(self._body_head), None
+            self._admit(body)
+        elif self._pending_size > self.pool.config.limits.body_buffer:
             self.front.hold_reading(self)
 
     def cancel(self) -> None:
@@ -263,6 +317,7 @@ class Request:
             if child is not None:
                 child.request = None
                 self.pool.recover(child)
+            self.pool.dispatcher.released(self)
             self.phase = Phase.QUEUED
             self.pool.dispatcher.submit(self, first=True)
             return

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -31,6 +30,7 @@ from . import config as config_module
 from . import logs, systemd
 from .admin import ControlServer, HttpAdmin
 from .child import Child, State, child_environment
+from .classify import Classifier
 from .config import Config
 from .dispatch import Dispatcher
 from .frontend import FrontConnection, bind
@@ -66,7 +66,8 @@ class Pool:
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
-        self.dispatcher = Dispatcher(config.limits)
+        self.classifier = Classifier(config)
+        self.dispatcher = Dispatcher(config, self.classifier.rules)
         self.connections: set[FrontConnection] = set()
         self.children: list[Child] = []
         self.by_pid: dict[int, Child] = {}
@@ -193,8 +194,9 @@ class Pool:
         ready = self._ready_active()
         if ready < max(1, min(self.config.admin.min_ready, self.config.pool.workers)):
             return False, f"{ready} children ready"
-        if len(self.dispatcher.waiting) >= self.config.limits.max_waiting:
-            return False, "queue full"
+        for queue in self.dispatcher.classes.values():
+            if queue.max_waiting and len(queue.waiting) >= queue.max_waiting:
+                return False, f"queue of class {queue.name} full"
         if self.failure_pressure() > self.config.pool.max_failure_pressure:
             return False, "failure pressure above the limit"
         return True, f"ready: {ready} children"
@@ -205,6 +207,7 @@ class Pool:
         started = request.started or now
         status = request.status or 502
         self.requests_served += 1
+        self.dispatcher.released(request)
         duration = now - request.created
         wait = started - request.created
         self.metrics.observe(status, request.request_class, duration, wait, request.bytes_out)
@@ -220,7 +223,7 @@ class Pool:
                 client=params.get(b"REMOTE_ADDR", b"").decode("latin-1"),
                 method=params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
                 uri=request.uri,
-                project=project_of(params),
+                project=request.project,
                 request_class=request.request_class,
                 pid=child.pid if child is not None else None,
                 wait_ms=round(wait * 1000, 2),
@@ -262,10 +265,9 @@ class Pool:
             await asyncio.sleep(0.1)
             now = time.monotonic()
             self.dispatcher.expire(now)
-            limit = now - self.config.timeouts.request
             for child in self.children:
                 request = child.request
-                if request is not None and request.started and request.started < limit:
+                if request is not None and request.started + request.timeout < now:
                     request.timed_out()
 
     async def _watch_children(self) -> None:
@@ -325,6 +327,7 @@ class Pool:
         self.generation += 1
         section = self.config.child
         child = Child(self.generation, section, self.runtime_dir)
+        child.warmup += self._pinned_warmups()
         if section.max_requests:
             child.requests_limit = section.max_requests + random.randint(
                 0, section.max_requests_jitter
@@ -344,6 +347,13 @@ class Pool:
         log.info("child_started", pid=child.pid)
         child.start_probe(section.start_timeout, self._started)
 
+    def _pinned_warmups(self) -> list[str]:
+        projects = self.config.projects
+        return [
+            projects.pinned_uri.replace("{project}", urllib.parse.quote(project, safe="/"))
+            for project in projects.pinned
+        ]
+
     def _started(self, child: Child, ok: bool) -> None:
         """A probe or warm-up answer of a starting child arrived (or failed)."""
         if child.state is not State.STARTING:
@@ -352,7 +362,7 @@ class Pool:
             log.warning("child_start_failed", pid=child.pid, warmups_done=child.warmups_done)
             child.stop(self.config.timeouts.kill_grace, failure=True)
             return
-        warmup = child.section.warmup
+        warmup = child.warmup
         if child.warmups_done < len(warmup):
             uri = warmup[child.warmups_done]
             child.warmups_done += 1
@@ -521,7 +531,8 @@ class Pool:
             new.pool.workers = self.config.pool.workers
         self.config = new
         self.child_env = child_environment(new.child, os.environ)
-        self.dispatcher.limits = new.limits
+        self.classifier = Classifier(new)
+        self.dispatcher.configure(new, self.classifier.rules)
         logs.configure(new.log.format, new.log.level, new.log.file)
         self.reloads += 1
         self.reloading = True
@@ -596,7 +607,7 @@ class Pool:
     def _maybe_finish_drain(self) -> None:
         """Close idle connections; once nothing is in flight, stop the children."""
         now = time.monotonic()
-        busy = bool(self.dispatcher.waiting)
+        busy = self.dispatcher.waiting > 0
         for connection in list(self.connections):
             if connection.requests or connection.fresh(now):
                 busy = True
@@ -631,18 +642,6 @@ class Pool:
         limit = str(self.config.limits.max_connections).encode()
         known = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
         return {name: known[name] for name in names if name in known}
-
-
-_MAP = re.compile(rb"(?:^|&)map=([^&]*)", re.IGNORECASE)
-
-
-def project_of(params: Mapping[bytes, bytes]) -> str:
-    """The QGIS project a request names: QGIS_PROJECT_FILE, else MAP in the query."""
-    project = params.get(b"QGIS_PROJECT_FILE")
-    if project:
-        return project.decode("utf-8", "replace")
-    match = _MAP.search(params.get(b"QUERY_STRING", b""))
-    return urllib.parse.unquote(match.group(1).decode("latin-1")) if match else ""
 
 
 def _sockname(sock: socket.socket) -> str:

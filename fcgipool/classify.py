@@ -1,0 +1,171 @@
+"""What a request is: its class (from config rules) and its project (for affinity and the
+allow-list). Nothing QGIS-specific is hard-wired: the OGC parameters SERVICE and REQUEST, the
+project parameter (MAP) and the classes all come from the configuration's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import Config, RequestClass
+
+DEFAULT_CLASS = RequestClass(name="default", priority=5)
+_XML_ROOT = re.compile(rb"<(?:[A-Za-z_][\w.-]*:)?([A-Za-z_][\w.-]*)[\s>/]")
+_XML_SERVICE = re.compile(rb"""\bservice\s*=\s*["']([^"']*)["']""", re.IGNORECASE)
+_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A compiled request class."""
+
+    spec: RequestClass
+    ogc: tuple[tuple[str, re.Pattern[str]], ...]
+    params: tuple[tuple[bytes, re.Pattern[str]], ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def matches(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> bool:
+        for key, pattern in self.ogc:
+            if not pattern.fullmatch(ogc.get(key, "")):
+                return False
+        for name, pattern in self.params:
+            if not pattern.fullmatch(params.get(name, b"").decode("latin-1")):
+                return False
+        return True
+
+
+def compile_rules(config: Config) -> list[Rule]:
+    rules = []
+    for spec in config.classes:
+        ogc, params = [], []
+        for key, regex in spec.match.items():
+            pattern = re.compile(regex, re.IGNORECASE)
+            if key.startswith("param:"):
+                params.append((key[6:].encode("latin-1"), pattern))
+            else:
+                ogc.append((key.upper(), pattern))
+        rules.append(Rule(spec, tuple(ogc), tuple(params)))
+    if not any(rule.name == DEFAULT_CLASS.name for rule in rules):
+        rules.append(Rule(DEFAULT_CLASS, (), ()))
+    return rules
+
+
+def ogc_from_query(query: str, wanted: tuple[str, ...]) -> dict[str, str]:
+    """The wanted parameters (upper-case names, case-insensitive) of a query string."""
+    found: dict[str, str] = {}
+    for part in query.split("&"):
+        name, sep, value = part.partition("=")
+        key = name.upper()
+        if sep and key in wanted and key not in found:
+            found[key] = urllib.parse.unquote_plus(value)
+    return found
+
+
+def ogc_from_body(body: bytes, content_type: str, wanted: tuple[str, ...]) -> dict[str, str]:
+    """The OGC parameters of a small POST body: a form, or an OGC XML request whose root
+    element names the operation (<GetMap service="WMS" ...>)."""
+    if "x-www-form-urlencoded" in content_type:
+        return ogc_from_query(body.decode("latin-1"), wanted)
+    if "xml" in content_type or body.lstrip().startswith(b"<"):
+        text = body.lstrip()
+        while text.startswith((b"<?", b"<!--")):
+            end = text.find(b">")
+            text = text[end + 1 :].lstrip() if end >= 0 else b""
+        found = {}
+        root = _XML_ROOT.match(text)
+        if root:
+            found["REQUEST"] = root.group(1).decode("latin-1")
+            service = _XML_SERVICE.search(text[: root.end() + 2048])
+            if service:
+                found["SERVICE"] = service.group(1).decode("latin-1")
+        return found
+    return {}
+
+
+@dataclass(slots=True)
+class ProjectCheck:
+    allowed: bool
+    path: str  # the file the child must be given ("" when unchanged)
+
+
+class Classifier:
+    """Classes and projects of requests, for one configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.rules = compile_rules(config)
+        self.by_name = {rule.name: rule for rule in self.rules}
+        projects = config.projects
+        self.parameter = projects.parameter.upper()
+        self.wanted = ("SERVICE", "REQUEST", self.parameter)
+        self.roots = [os.path.realpath(root) for root in projects.allowed_roots]
+        self.search_paths = sorted(
+            ((alias.rstrip("/"), directory) for alias, directory in projects.search_paths.items()),
+            key=lambda item: -len(item[0]),
+        )
+        self._checked: OrderedDict[str, ProjectCheck] = OrderedDict()
+
+    def ogc(self, params: Mapping[bytes, bytes]) -> dict[str, str]:
+        return ogc_from_query(params.get(b"QUERY_STRING", b"").decode("latin-1"), self.wanted)
+
+    def classify(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> Rule:
+        for rule in self.rules:
+            if rule.matches(ogc, params):
+                return rule
+        return self.by_name[DEFAULT_CLASS.name]
+
+    def project(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> str:
+        named = ogc.get(self.parameter)
+        if named:
+            return named
+        return params.get(b"QGIS_PROJECT_FILE", b"").decode("utf-8", "replace")
+
+    def check(self, project: str) -> ProjectCheck:
+        """Is ``project`` allowed, and which file is it? Cached: paths are resolved on the
+        file system (symlinks, ..) once per project, not per request."""
+        cached = self._checked.get(project)
+        if cached is not None:
+            self._checked.move_to_end(project)
+            return cached
+        path = self._map(project)
+        allowed = True
+        if self.roots:
+            real = os.path.realpath(path)
+            allowed = any(real == root or real.startswith(root + os.sep) for root in self.roots)
+        result = ProjectCheck(allowed, path if path != project else "")
+        self._checked[project] = result
+        if len(self._checked) > _CACHE_SIZE:
+            self._checked.popitem(last=False)
+        return result
+
+    def _map(self, project: str) -> str:
+        for alias, directory in self.search_paths:
+            if project == alias or project.startswith(alias + "/"):
+                rest = project[len(alias) :].lstrip("/")
+                return os.path.join(directory, rest) if rest else directory
+        return project
+
+    def rewrite(
+        self, params: dict[bytes, bytes], ogc: Mapping[str, str], path: str
+    ) -> dict[bytes, bytes]:
+        """``params`` with the project named by ``path``, where the request named it."""
+        params = dict(params)
+        if self.parameter in ogc:
+            query = params.get(b"QUERY_STRING", b"").decode("latin-1")
+            parts = []
+            for part in query.split("&"):
+                name, sep, _ = part.partition("=")
+                if sep and name.upper() == self.parameter:
+                    part = f"{name}={urllib.parse.quote(path, safe='/')}"
+                parts.append(part)
+            params[b"QUERY_STRING"] = "&".join(parts).encode("latin-1")
+        else:
+            params[b"QGIS_PROJECT_FILE"] = path.encode()
+        return params
