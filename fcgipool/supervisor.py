@@ -32,7 +32,7 @@ from .admin import ControlServer, HttpAdmin
 from .child import Child, State, child_environment
 from .classify import Classifier
 from .config import Config
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, remember
 from .frontend import FrontConnection, bind
 from .metrics import Metrics
 
@@ -368,9 +368,10 @@ class Pool:
             child.warmups_done += 1
             child.start_probe(child.section.start_timeout, self._started, uri=uri)
             return
-        log.info(
-            "child_ready", pid=child.pid, seconds=round(time.monotonic() - child.started_at, 3)
-        )
+        elapsed = round(time.monotonic() - child.started_at, 3)
+        log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=len(warmup))
+        for project in self.config.projects.pinned:
+            remember(child.projects, project, max(1, self.config.projects.memory))
         self.failures_in_a_row = 0
         self._child_free(child)
         self._retire_surplus()

@@ -61,13 +61,19 @@ def toml_value(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(value)
 
 
-def to_toml(config: dict[str, dict[str, object]]) -> str:
+def to_toml(config: dict) -> str:
+    """Tables for dicts, arrays of tables for lists of dicts (the [[classes]])."""
     lines = []
     for section, values in config.items():
+        if isinstance(values, list):
+            for item in values:
+                lines.append(f"[[{section}]]")
+                lines += [f"{key} = {toml_value(value)}" for key, value in item.items()]
+            continue
         lines.append(f"[{section}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
@@ -277,3 +283,31 @@ def fault_config(workdir: Path, args: tuple[str, ...] = (), **sections: dict) ->
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     return config
+
+
+def pool_status(pool: PoolProcess) -> dict:
+    """The pool's status document, through its control socket."""
+    import json
+
+    path = pool.config_path.parent / "pool.ctl"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(b'{"command": "status"}\n')
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return json.loads(data)["status"]
+
+
+HEAVY_PROJECT = REPO / "demo" / "project" / "heavy.qgs"
+
+
+@pytest.fixture(scope="session")
+def heavy_project() -> Path:
+    """demo/project/heavy.qgs with its generated 50,000 points."""
+    data = REPO / "demo" / "project" / "data" / "heavy_points.geojson"
+    if not data.exists():
+        subprocess.run(["/usr/bin/python3", str(REPO / "demo" / "make_project.py"),
+                        "--heavy-only"], check=True, capture_output=True, timeout=120)
+    return HEAVY_PROJECT
