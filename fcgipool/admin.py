@@ -13,6 +13,7 @@ import contextlib
 import html
 import json
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -99,8 +100,16 @@ class ControlServer:
     async def start(self) -> None:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)  # left over by a pool that is gone
+            else:
+                raise OSError(f"control socket {self.path} is in use by another pool")
+            finally:
+                probe.close()
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(self._serve, self.path)
@@ -136,14 +145,14 @@ class ControlServer:
         if name == "status":
             return {"ok": True, "status": snapshot(pool)}
         if name == "reload":
-            pool.handle_hup()
-            return {"ok": True}
+            problem = pool.handle_hup()
+            return {"ok": False, "error": problem} if problem else {"ok": True}
         if name == "scale":
             workers = command.get("workers")
-            if not isinstance(workers, int) or workers < 1:
-                return {"ok": False, "error": "scale needs workers >= 1"}
-            pool.scale(workers)
-            return {"ok": True, "workers": workers}
+            if not isinstance(workers, int):
+                return {"ok": False, "error": "scale needs an integer 'workers'"}
+            problem = pool.scale(workers)
+            return {"ok": False, "error": problem} if problem else {"ok": True, "workers": workers}
         if name == "stop":
             asyncio.get_running_loop().call_soon(
                 pool.handle_quit if command.get("fast") else pool.handle_term
@@ -175,10 +184,11 @@ class HttpAdmin(asyncio.Protocol):
             return
         if isinstance(event, h11.Request):
             path = event.target.decode("latin-1").split("?", 1)[0]
-            status, content_type, body = route(self.pool, event.method.decode(), path)
-            self._send(status, content_type, body)
+            method = event.method.decode()
+            status, content_type, body = route(self.pool, method, path)
+            self._send(status, content_type, body, head=method == "HEAD")
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
+    def _send(self, status: int, content_type: str, body: bytes, head: bool = False) -> None:
         headers = [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
@@ -187,7 +197,8 @@ class HttpAdmin(asyncio.Protocol):
         ]
         try:
             out = self.connection.send(h11.Response(status_code=status, headers=headers))
-            out += self.connection.send(h11.Data(data=body))
+            if not head:
+                out += self.connection.send(h11.Data(data=body))
             out += self.connection.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             out = b""

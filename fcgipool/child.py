@@ -247,6 +247,7 @@ class Child:
         self.started_at = time.monotonic()
         self.stop_requested = False
         self.failure = False
+        self.exit_reason = ""  # why the pool ended it, for the restart counts
         self.retiring = ""  # why this child is being replaced; empty while it is not
         self.warmups_done = 0
         self.request: object | None = None  # the Request being served, for status

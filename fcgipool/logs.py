@@ -32,7 +32,29 @@ class _Output:
         self.stream.flush()
 
 
+class _Batched:
+    """Access-log lines are collected and written together a few times a second (and at
+    exit): one write per batch instead of one per request, off the request's own path."""
+
+    def __init__(self, output: _Output) -> None:
+        self.output = output
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.lines:
+            text = "".join(self.lines)
+            self.lines.clear()
+            self.output.write(text)
+            self.output.flush()
+
+
 _output = _Output()
+_access = _Batched(_output)
+_access_logger: structlog.typing.FilteringBoundLogger | None = None
 
 
 def configure(fmt: str = "console", level: str = "info", path: str = "") -> None:
@@ -53,9 +75,33 @@ def configure(fmt: str = "console", level: str = "info", path: str = "") -> None
         logger_factory=structlog.PrintLoggerFactory(file=_output),
         cache_logger_on_first_use=False,
     )
+    global _access_logger
+    # A lean chain for the line written per request: console gets key=value (ConsoleRenderer
+    # costs ~35 us a line, this ~13 us), json gets JSON.
+    access_renderer = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.processors.KeyValueRenderer(key_order=["timestamp", "event"])
+    )
+    _access_logger = structlog.wrap_logger(
+        structlog.PrintLogger(_access),
+        processors=[structlog.processors.TimeStamper(fmt="iso", utc=True), access_renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+
+
+def access() -> structlog.typing.FilteringBoundLogger:
+    """The access logger (see _Batched); call flush_access() now and then."""
+    assert _access_logger is not None, "logs.configure() first"
+    return _access_logger
+
+
+def flush_access() -> None:
+    _access.flush()
 
 
 def reopen() -> None:
+    _access.flush()
     if _output.path:
         _output.open(_output.path)
 

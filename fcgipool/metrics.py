@@ -112,11 +112,16 @@ class _PoolCollector:
         running = GaugeMetricFamily(
             "fcgipool_class_running", "Requests being served by class.", labels=["class"]
         )
+        limits = GaugeMetricFamily(
+            "fcgipool_class_queue_limit", "Queue bound by class.", labels=["class"]
+        )
         for queue in pool.dispatcher.by_priority:
             queues.add_metric([queue.name], len(queue.waiting))
             running.add_metric([queue.name], queue.running)
+            limits.add_metric([queue.name], queue.max_waiting)
         yield queues
         yield running
+        yield limits
         limit = pool.config.limits.max_waiting
         yield GaugeMetricFamily("fcgipool_queue_limit", "Bound of the queue.", value=limit)
         yield GaugeMetricFamily(

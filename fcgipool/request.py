@@ -89,6 +89,7 @@ class Request:
         "request_class",
         "request_id",
         "response_started",
+        "served_by",
         "started",
         "status",
         "timeout",
@@ -124,6 +125,7 @@ class Request:
         self.project = ""
         self.timeout = pool.config.timeouts.request
         self.counted = False  # holds a place in its class's running count
+        self.served_by = 0  # pid of the (last) child that had it
 
     def __repr__(self) -> str:
         return f"<Request {self.request_id} {self.phase.value} {self.uri}>"
@@ -231,6 +233,7 @@ class Request:
         self.child = child
         child.state = ChildState.BUSY
         child.request = self
+        self.served_by = child.pid
         if not self.started:
             self.started = time.monotonic()
         connection = child.usable_connection()
@@ -323,6 +326,7 @@ class Request:
             return
         if self.response_started:
             self.front.abort("child connection lost mid-response")
+            self.status = 502
             self._finish()
         else:
             self.respond(502, b"The FastCGI child failed before answering\n")
@@ -342,13 +346,14 @@ class Request:
         the child is cancelled."""
         if self.phase is Phase.DONE:
             return
-        seconds = self.pool.config.timeouts.request
+        seconds = self.timeout
         child = self.child
         log.warning("request_timeout", uri=self.uri, pid=child.pid if child else 0, seconds=seconds)
         self.pool.timed_out += 1
         self.give_up()
         if self.response_started:
             self.front.abort("request timeout in the middle of the response")
+            self.status = 504
             self._finish()
         else:
             self.respond(504, f"The request took longer than {seconds:g} s\n".encode())

@@ -37,7 +37,6 @@ from .frontend import FrontConnection, bind
 from .metrics import Metrics
 
 log = logs.get("fcgipool.supervisor")
-access_log = logs.get("fcgipool.access")
 
 EXIT_PRESSURE = 3
 _PR_SET_CHILD_SUBREAPER = 36
@@ -82,6 +81,7 @@ class Pool:
         self.restarts: collections.Counter[str] = collections.Counter()
         self.timed_out = 0
         self.scaled = False
+        self.pidfd_reaping = False
         self.stopping = False
         self.accepting = True  # new requests are taken (false once the drain has ended)
         self.ready_announced = False
@@ -131,6 +131,7 @@ class Pool:
                 server.close()
             self._unlink_sockets()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        logs.flush_access()
         log.info("pool_stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -213,8 +214,7 @@ class Pool:
         self.metrics.observe(status, request.request_class, duration, wait, request.bytes_out)
         if self.config.log.access:
             params = request.params
-            child = request.child
-            access_log.info(
+            logs.access().info(
                 "access",
                 id=(params.get(b"REQUEST_ID") or params.get(b"HTTP_X_REQUEST_ID") or b"").decode(
                     "latin-1"
@@ -225,7 +225,7 @@ class Pool:
                 uri=request.uri,
                 project=request.project,
                 request_class=request.request_class,
-                pid=child.pid if child is not None else None,
+                pid=request.served_by or None,
                 wait_ms=round(wait * 1000, 2),
                 ms=round(duration * 1000, 2),
                 status=status,
@@ -234,7 +234,6 @@ class Pool:
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {
-            signal.SIGCHLD: self.handle_chld,
             signal.SIGTERM: self.handle_term,
             signal.SIGINT: self.handle_term,
             signal.SIGQUIT: self.handle_quit,
@@ -245,6 +244,25 @@ class Pool:
         }
         for signum, handler in handlers.items():
             loop.add_signal_handler(signum, handler)
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, self.handle_chld)
+        except RuntimeError:
+            # uvloop keeps SIGCHLD for itself: learn of each child's exit from a pidfd
+            # instead, and collect adopted orphans once a second.
+            self.pidfd_reaping = True
+            log.info("reaping", method="pidfd")
+
+    def _watch_exit(self, child: Child) -> None:
+        if not self.pidfd_reaping:
+            return
+        fd = os.pidfd_open(child.pid)
+
+        def exited() -> None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.handle_chld()
+
+        self.loop.add_reader(fd, exited)
 
     async def _sweep(self) -> None:
         """Once a second: close connections that stall mid-request."""
@@ -257,12 +275,15 @@ class Pool:
                     connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
             if self.stopping:
                 self._maybe_finish_drain()
+            if self.pidfd_reaping:
+                self.handle_chld()  # orphans adopted as a subreaper
 
     async def _time_requests(self) -> None:
         """Ten times a second: requests past timeouts.request, and waits past
         limits.queue_timeout. Cheaper than a timer per request, precise to 0.1 s."""
         while True:
             await asyncio.sleep(0.1)
+            logs.flush_access()
             now = time.monotonic()
             self.dispatcher.expire(now)
             for child in self.children:
@@ -317,6 +338,8 @@ class Pool:
                 self.respawn_timer = self._loop.call_later(delay, self._respawn_due)
             return
         for _ in range(missing):
+            if self.stopping:
+                return
             self._spawn()
 
     def _respawn_due(self) -> None:
@@ -344,6 +367,7 @@ class Pool:
             self.reconcile()
             return
         self.by_pid[child.pid] = child
+        self._watch_exit(child)
         log.info("child_started", pid=child.pid)
         child.start_probe(section.start_timeout, self._started)
 
@@ -446,8 +470,11 @@ class Pool:
             log.info("child_recovered", pid=child.pid)
             self._child_free(child)
             return
+        self.handle_chld()  # a child that died is a crash, not a failed cancel
+        if child.state is State.DEAD:
+            return
         log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
-        self.restarts["cancel_failed"] += 1
+        child.exit_reason = "cancel_failed"
         child.stop(self.config.timeouts.kill_grace, failure=True)
 
     def handle_chld(self) -> None:
@@ -474,7 +501,8 @@ class Pool:
         level = log.warning if failed else log.info
         level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
         if failed:
-            self.restarts["crash" if not child.stop_requested else "killed"] += 1
+            reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
+            self.restarts[reason] += 1
             self._failure(describe_status(status))
         if self.stopping:
             if not self.by_pid:
@@ -516,15 +544,16 @@ class Pool:
 
     # ------------------------------------------------------------------ signals
 
-    def handle_hup(self) -> None:
-        """Re-read the configuration and replace every child, a batch at a time."""
+    def handle_hup(self) -> str:
+        """Re-read the configuration and replace every child, a batch at a time. Returns
+        why nothing was done, or an empty string."""
         if self.stopping:
-            return
+            return "the pool is stopping"
         try:
             new = config_module.build(self.config_path, self.overrides)
         except config_module.ConfigError as error:
             log.error("reload_failed", problems=error.problems)
-            return
+            return "; ".join(error.problems)
         if new.pool.bind != self.config.pool.bind:
             log.warning("reload_ignores", key="pool.bind", reason="sockets change on restart")
             new.pool.bind = self.config.pool.bind
@@ -542,6 +571,7 @@ class Pool:
         log.info("reload", children=len(self.stale), reloads=self.reloads)
         systemd.notify("RELOADING=1")
         self.reconcile()
+        return ""
 
     def handle_usr1(self) -> None:
         logs.reopen()
@@ -553,9 +583,13 @@ class Pool:
     def handle_ttou(self) -> None:
         self.scale(self.config.pool.workers - 1)
 
-    def scale(self, workers: int) -> None:
-        if workers < 1 or self.stopping:
-            return
+    def scale(self, workers: int) -> str:
+        """Run ``workers`` children from now on; returns why not, or an empty string."""
+        if self.stopping:
+            return "the pool is stopping"
+        reserved = sum(rule.reserved for rule in self.config.classes)
+        if not 1 <= workers <= 4096 or (reserved and reserved >= workers):
+            return f"{workers} children: need 1..4096 and more than the {reserved} reserved"
         self.scaled = True  # kept across reloads
         self.config.pool.workers = workers
         log.info("scale", workers=workers)
@@ -563,6 +597,7 @@ class Pool:
         for child in sorted(self._active(), key=lambda c: c.state is State.BUSY)[: max(0, surplus)]:
             child.retiring = "scale_down"
         self.reconcile()
+        return ""
 
     def handle_term(self) -> None:
         if self.stopping:

@@ -263,13 +263,14 @@ def test_usr1_reopens_the_log_file(pool_factory, workdir):
 def test_hup_reload_applies_the_new_config_to_new_children(pool_factory, workdir):
     pool = pool_factory(fault_config(workdir, child={"env": {"GENERATION": "1"}}))
     old = set(pool.children())
-    text = pool.config_path.read_text().replace('GENERATION = "1"', 'GENERATION = "2"')
+    text = pool.config_path.read_text().replace('"GENERATION" = "1"', '"GENERATION" = "2"')
+    assert '"GENERATION" = "2"' in text
     pool.config_path.write_text(text)
     os.kill(pool.pid, signal.SIGHUP)
     wait_for(lambda: not (set(pool.children()) & old) and len(pool.children()) == 2, 30,
              "every child replaced")
     for pid in pool.children():
-        assert psutil.Process(pid).environ().get("GENERATION") == "2"
+        assert psutil.Process(pid).environ().get("GENERATION") == "2", pool.log()
 
 
 def test_bad_config_on_hup_keeps_the_pool_running(pool_factory, workdir):
