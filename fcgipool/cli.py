@@ -117,18 +117,27 @@ def serve(
     logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
     from .supervisor import Pool
 
-    try:
-        import uvloop  # optional speed-up
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+    runner = _event_loop_runner(cfg.pool.event_loop)
     try:
         code = runner(Pool(cfg, config_path, overrides).run())
     except OSError as error:
         logs.get("fcgipool").error("startup_failed", error=str(error))
         sys.exit(1)
     sys.exit(code)
+
+
+def _event_loop_runner(choice: str) -> Any:
+    """asyncio.run, or uvloop.run when chosen (or installed, with "auto")."""
+    if choice == "asyncio":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            click.echo("pool.event_loop: uvloop is not installed", err=True)
+            sys.exit(EXIT_CONFIG)
+        return asyncio.run
+    return uvloop.run
 
 
 def _control_path(config_path: str | None, control: str | None) -> str:

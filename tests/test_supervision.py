@@ -329,3 +329,21 @@ def test_graceful_stop_under_load_answers_every_accepted_request(pool_factory, w
     accepted = [r for r in results if r != "refused"]
     assert accepted and all(r == 200 for r in accepted), results
     assert pool.process.wait(30) == 0
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_reaping_on_either_event_loop(pool_factory, workdir, event_loop):
+    """asyncio lets the pool handle SIGCHLD; uvloop keeps it, so the pool watches pidfds."""
+    pool = pool_factory(fault_config(workdir, pool={"event_loop": event_loop}))
+    assert ("method=pidfd" in pool.log()) == (event_loop == "uvloop")
+    body = client.request(pool.address, "/?orphans=2&orphan_sleep=0.2").body
+    assert len(body.split()) == 2
+    wait_for(lambda: pool.log().count("orphan_reaped") >= 2, 20, "orphans reaped")
+    victim = pool.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: "killed by SIGKILL" in pool.log(), 20, "the child's death noticed")
+    wait_for(lambda: pool.log().count("child_ready") >= 3, 20, "a replacement")
+    assert zombies_of(pool.pid) == []
+    assert client.request(pool.address, "/").status == 200
+    pool.process.send_signal(signal.SIGTERM)
+    assert pool.process.wait(30) == 0
