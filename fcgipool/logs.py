@@ -45,6 +45,9 @@ class _Batched:
         return len(text)
 
     def flush(self) -> None:
+        """structlog's PrintLogger flushes after every line: ignored, see drain()."""
+
+    def drain(self) -> None:
         if self.lines:
             text = "".join(self.lines)
             self.lines.clear()
@@ -97,11 +100,11 @@ def access() -> structlog.typing.FilteringBoundLogger:
 
 
 def flush_access() -> None:
-    _access.flush()
+    _access.drain()
 
 
 def reopen() -> None:
-    _access.flush()
+    _access.drain()
     if _output.path:
         _output.open(_output.path)
 
