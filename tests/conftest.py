@@ -220,7 +220,7 @@ class Nginx:
                         fastcgi_param QGIS_PROJECT_FILE "";
                         fastcgi_pass pool;
                         fastcgi_keep_conn on;
-                        fastcgi_read_timeout 90s;
+                        fastcgi_read_timeout 300s;  # above every pool timeout here
                     }}
                 }}
             }}
