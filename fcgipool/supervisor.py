@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -47,6 +48,15 @@ def _become_subreaper() -> None:
     """Orphans of our children are re-parented to us, so the one reaper collects them."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _raise_file_limit() -> None:
+    """Each front-end connection and each child costs descriptors: take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def describe_status(status: int) -> str:
@@ -107,6 +117,7 @@ class Pool:
         self._stopped = loop.create_future()
         self._install_signals(loop)
         _become_subreaper()
+        _raise_file_limit()
         self.runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
         tasks = []
         try:
