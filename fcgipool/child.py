@@ -87,7 +87,7 @@ def _set_parent_death_signal() -> None:
 class ChildConnection(asyncio.Protocol):
     """The pool's connection to one child; forwards what the child sends to a handler."""
 
-    __slots__ = ("_scanner", "child", "closed", "handler", "last_used", "transport")
+    __slots__ = ("_scanner", "child", "closed", "handler", "last_used", "paused", "transport")
 
     def __init__(self, child: Child) -> None:
         self.child = child
@@ -95,7 +95,18 @@ class ChildConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.handler: Handler | None = None
         self.closed = False
+        self.paused = False  # reading held back: the web server reads the answer slowly
         self.last_used = time.monotonic()
+
+    def hold(self, paused: bool) -> None:
+        """Read the child only while the front end keeps up. The state belongs to the
+        connection, which outlives its request: the next one must find it reading."""
+        if paused != self.paused and not self.closed and self.transport is not None:
+            self.paused = paused
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

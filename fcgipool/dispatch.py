@@ -14,6 +14,7 @@ project cache is warm), else the one whose remembered projects are least in dema
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, OrderedDict, deque
 from typing import TYPE_CHECKING
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from .request import Request
 
 log = logs.get("fcgipool.dispatch")
+
+AFFINITY_LOOKAHEAD = 8  # waiting requests looked at for one whose project a child holds
+AFFINITY_MAX_WAIT = 2.0  # seconds; a head that waited longer is never passed over
 
 
 class ClassQueue:
@@ -161,7 +165,8 @@ class Dispatcher:
                 return
 
     def _next_startable(self, queue: ClassQueue) -> Request | None:
-        if not self._may_start(queue, queue.waiting[0]):
+        head = queue.waiting[0]
+        if not self._may_start(queue, head):
             if not self.max_per_client:
                 return None
             # Only the client limit can hold the head back: look past it.
@@ -169,7 +174,17 @@ class Dispatcher:
                 if self._may_start(queue, request):
                     return request
             return None
-        return queue.waiting[0]
+        if self.memory and len(self.idle) == 1 and head.project:
+            # At saturation one child frees up at a time: give it a request for a project
+            # it holds, if one waits near the head and the head has not waited long.
+            remembered = self.idle[0].projects
+            if head.project not in remembered and (
+                time.monotonic() - head.queued_at < AFFINITY_MAX_WAIT
+            ):
+                for request in itertools.islice(queue.waiting, 1, AFFINITY_LOOKAHEAD):
+                    if request.project in remembered and self._may_start(queue, request):
+                        return request
+        return head
 
     def _start(self, queue: ClassQueue, request: Request) -> None:
         queue.running += 1
@@ -185,6 +200,8 @@ class Dispatcher:
         if not project or not self.memory:
             return idle.pop()
         self.popularity[project] += 1
+        if len(self.popularity) > 4 * 4096:  # bounded: forget the rarely asked
+            self.popularity = Counter(dict(self.popularity.most_common(4096)))
         chosen = None
         if len(idle) > 1:
             for child in reversed(idle):

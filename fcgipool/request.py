@@ -262,6 +262,7 @@ class Request:
         self.phase = Phase.RUNNING
         self._reused = reused
         connection.handler = self
+        connection.hold(self.front.write_paused)
         data = b"".join(self._pending)
         connection.write(data)
         self._pending.clear()
@@ -291,6 +292,8 @@ class Request:
         self.front.write(records)
         self.bytes_out += len(records)
         if end is not None:
+            if self.connection is not None:
+                self.connection.hold(False)  # the answer is complete: free for the next one
             child = self.child
             self._finish()
             if child is not None:
@@ -366,12 +369,12 @@ class Request:
 
     def pause_response(self) -> None:
         """The front-end connection's buffer is full: read the child more slowly."""
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.pause_reading()
+        if self.connection is not None:
+            self.connection.hold(True)
 
     def resume_response(self) -> None:
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.resume_reading()
+        if self.connection is not None:
+            self.connection.hold(False)
 
     # ------------------------------------------------------------ endings
 

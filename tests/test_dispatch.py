@@ -251,3 +251,23 @@ def test_bad_class_config_names_the_key():
     with pytest.raises(config.ConfigError) as error:
         config.build(None, {"classes": [{"name": "a"}, {"name": "a"}]}, {})
     assert "duplicate class names ['a']" in error.value.problems[0]
+
+
+def test_at_saturation_a_freed_child_takes_a_waiting_request_for_its_project():
+    import time
+    dispatcher, _ = make({"projects": {"memory": 2}})
+    child = FakeChild("c")
+    child.projects["/p/b.qgs"] = None
+    a = FakeRequest("default", "/p/a.qgs")
+    b = FakeRequest("default", "/p/b.qgs")
+    dispatcher.submit(a)
+    dispatcher.submit(b)
+    a.queued_at = b.queued_at = time.monotonic()
+    dispatcher.child_idle(child)
+    assert b.child is child and a.child is None  # b jumps the queue: its project is warm
+    dispatcher.released(b)
+    a.queued_at = time.monotonic() - 10  # a head that waited long is never passed over
+    c = FakeRequest("default", "/p/b.qgs")
+    dispatcher.submit(c)
+    dispatcher.child_idle(child)
+    assert a.child is child and c.child is None

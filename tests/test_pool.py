@@ -333,3 +333,23 @@ def test_response_sizes_relay_exactly(pool_factory, workdir, size):
 
 def test_encode_record_for_struct_sanity():
     assert struct.calcsize("!BBHHBx") == 8
+
+
+@pytest.mark.parametrize("size", [600_000, 1_500_000])
+def test_child_is_read_again_after_an_answer_to_a_slow_reader(pool_factory, workdir, size):
+    """A large answer to a slow reader pauses reading from the child; the next request on
+    that child's kept connection must find it reading again (it used to hang until the
+    request timeout)."""
+    from conftest import fault_config
+    pool = pool_factory(fault_config(workdir, pool={"workers": 1},
+                                     timeouts={"request": 10.0}))
+    sock = send_request(pool.address, f"/?size={size}", keep_conn=True)
+    marker_deadline = time.monotonic() + 0.5
+    while time.monotonic() < marker_deadline:  # the scenario: a reader that lags behind
+        time.sleep(0.05)
+    status, _, body = read_response(sock)
+    assert status == 200 and len(body) == size
+    started = time.monotonic()
+    response = client.request(pool.address, "/?n=next", timeout=30)
+    assert response.status == 200
+    assert time.monotonic() - started < 5
