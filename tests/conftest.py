@@ -311,3 +311,14 @@ def heavy_project() -> Path:
         subprocess.run(["/usr/bin/python3", str(REPO / "demo" / "make_project.py"),
                         "--heavy-only"], check=True, capture_output=True, timeout=120)
     return HEAVY_PROJECT
+
+
+def busy_request(pool: PoolProcess, workdir: Path, uri: str = "/?sleep=3000&layer=x"):
+    """Start a slow request on the fault child; return its socket once a child has it."""
+    from fcgipool import client, protocol
+
+    marker = workdir / "busy-marker"
+    sock = client.connect(pool.address)
+    sock.sendall(protocol.encode_request(1, client.cgi_params(f"{uri}&touch={marker}")))
+    wait_for(marker.exists, 20, "a child to take the slow request")
+    return sock

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, fault_config, free_port, wait_for
-from fcgipool import client, protocol
+from conftest import REPO, busy_request, fault_config, free_port, wait_for
+from fcgipool import client
 
 DOCS = REPO / "docs"
 METRICS_MD = DOCS / "metrics.md"
@@ -312,20 +312,11 @@ def status_fields(value: object, path: str = "") -> dict[str, list[object]]:
     return fields
 
 
-def busy_request(pool, workdir, uri: str = "/?sleep=5000&layer=x"):
-    """Start a slow request and return its socket once a child has it."""
-    marker = workdir / "busy-marker"
-    sock = client.connect(pool.address)
-    sock.sendall(protocol.encode_request(1, client.cgi_params(f"{uri}&touch={marker}")))
-    wait_for(marker.exists, 20, "a child to take the slow request")
-    return sock
-
-
 def test_status_reference_matches_a_live_status_document(pool_factory, workdir):
     pool = pool_factory(fault_config(workdir))
     control = str(workdir / "pool.ctl")
     client.request(pool.address, "/ows?SERVICE=WMS&REQUEST=GetMap&MAP=/srv/a.qgs")
-    sock = busy_request(pool, workdir)
+    sock = busy_request(pool, workdir, "/?sleep=5000&layer=x")
     try:
         result = subprocess.run(
             [sys.executable, "-m", "fcgipool", "status", "--json", "--control", control],

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import APPS, fault_config, free_port, wait_for
+from conftest import APPS, busy_request, fault_config, free_port, wait_for
 from fcgipool import client, protocol
 
 
@@ -30,15 +30,6 @@ def http_get(url: str) -> tuple[int, str, bytes]:
             return response.status, response.headers["Content-Type"], response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers["Content-Type"], error.read()
-
-
-def busy_request(pool, workdir, uri: str = "/?sleep=3000&layer=x"):
-    """Start a slow request and return once a child has it."""
-    marker = workdir / "busy-marker"
-    sock = client.connect(pool.address)
-    sock.sendall(protocol.encode_request(1, client.cgi_params(f"{uri}&touch={marker}")))
-    wait_for(marker.exists, 20, "a child to take the slow request")
-    return sock
 
 
 @pytest.fixture
