@@ -158,6 +158,13 @@ def _decode_pairs_checked(data: bytes) -> dict[bytes, bytes]:
 def encode_params(request_id: int, params: Mapping[bytes, bytes] | bytes) -> bytes:
     """PARAMS records plus the empty one that ends the stream. Raw encoded pairs pass as is."""
     body = params if isinstance(params, bytes | bytearray) else encode_pairs(params.items())
+    length = len(body)
+    if 0 < length <= MAX_CONTENT:  # the usual case, in one piece (it runs per request)
+        pad = -length & 7
+        return b"".join((
+            HEADER.pack(VERSION, RecordType.PARAMS, request_id, length, pad), body,
+            _PADDING[pad], HEADER.pack(VERSION, RecordType.PARAMS, request_id, 0, 0),
+        ))  # fmt: skip
     return encode_stream(RecordType.PARAMS, request_id, bytes(body)) + encode_record(
         RecordType.PARAMS, request_id
     )
@@ -269,6 +276,14 @@ class RecordReader:
         self._buffer = buffer[pos:] if pos < end else b""
         return records
 
+
+# Plain ints for the hot loops: an IntEnum member lookup costs more than the comparison.
+_STDIN, _PARAMS, _BEGIN = (
+    int(RecordType.STDIN),
+    int(RecordType.PARAMS),
+    int(RecordType.BEGIN_REQUEST),
+)
+_STDOUT, _STDERR, _END = int(RecordType.STDOUT), int(RecordType.STDERR), int(RecordType.END_REQUEST)
 
 # Events. Small frozen-free classes with slots: they are made on the hot path.
 
@@ -390,16 +405,16 @@ class ServerConnection:
         for rtype, request_id, content in self._reader.feed(data):
             if request_id == 0:
                 events.append(self._management(rtype, content))
-            elif rtype == RecordType.STDIN:
+            elif rtype == _STDIN:
                 if request_id in self.active:
                     if self._params.get(request_id) is not None:
                         raise ProtocolError(f"STDIN before the end of PARAMS, id {request_id}")
                     events.append(Stdin(request_id, content))
-            elif rtype == RecordType.PARAMS:
+            elif rtype == _PARAMS:
                 event = self._add_params(request_id, content)
                 if event is not None:
                     events.append(event)
-            elif rtype == RecordType.BEGIN_REQUEST:
+            elif rtype == _BEGIN:
                 events.append(self._begin(request_id, content))
             elif rtype == RecordType.ABORT_REQUEST:
                 if request_id in self.active:
@@ -513,14 +528,14 @@ class ResponseScanner:
                 break
             if finished is not None:
                 raise ProtocolError("record after END_REQUEST")
-            if rtype == RecordType.STDOUT:
+            if rtype == _STDOUT:
                 has_output = has_output or length > 0
-            elif rtype == RecordType.END_REQUEST:
+            elif rtype == _END:
                 if length != 8:
                     raise ProtocolError(f"END_REQUEST body is {length} bytes, not 8")
                 app_status, protocol_status = _END_BODY.unpack_from(buffer, pos + 8)
                 finished = EndRequest(request_id, app_status, protocol_status)
-            elif rtype != RecordType.STDERR:
+            elif rtype != _STDERR:
                 raise ProtocolError(f"record type {rtype} is not part of a response")
             starts.append(pos)
             pos = stop
@@ -536,7 +551,7 @@ def stdout_content(records: bytes, starts: list[int]) -> bytes:
     """The STDOUT bytes carried by whole ``records`` (as returned by ResponseScanner)."""
     parts = []
     for start in starts:
-        if records[start + 1] == RecordType.STDOUT:
+        if records[start + 1] == _STDOUT:
             length = (records[start + 4] << 8) | records[start + 5]
             parts.append(records[start + 8 : start + 8 + length])
     return b"".join(parts)

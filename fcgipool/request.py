@@ -48,6 +48,9 @@ log = logs.get("fcgipool.request")
 
 CHILD_REQUEST_ID = 1
 _STDIN_END = encode_record(RecordType.STDIN, CHILD_REQUEST_ID)
+_BEGIN = {  # the BEGIN_REQUEST record sent to a child, by FCGI_KEEP_CONN
+    keep: encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) for keep in (False, True)
+}
 _REPEATABLE = (b"GET", b"HEAD")
 _CLASSIFY_BODY_LIMIT = 65536  # POST bodies up to this size are read to classify them
 ABORTED = 499  # nginx's code for a request whose client went away
@@ -177,9 +180,9 @@ class Request:
                 self.raw_params = encode_pairs(self.params.items())
                 project = check.path
         self.project = project
-        head = encode_begin_request(
-            CHILD_REQUEST_ID, keep_conn=self.pool.config.child.keep_conn
-        ) + encode_params(CHILD_REQUEST_ID, self.raw_params)
+        head = _BEGIN[self.pool.config.child.keep_conn] + encode_params(
+            CHILD_REQUEST_ID, self.raw_params
+        )
         self._pending.insert(0, head)
         self._pending_size += len(head)
         self.phase = Phase.QUEUED

@@ -225,23 +225,21 @@ class Pool:
         self.metrics.observe(status, request.request_class, duration, wait, request.bytes_out)
         if self.config.log.access:
             params = request.params
-            logs.access().info(
-                "access",
-                id=(params.get(b"REQUEST_ID") or params.get(b"HTTP_X_REQUEST_ID") or b"").decode(
-                    "latin-1"
-                )
-                or str(self.requests_served),
-                client=params.get(b"REMOTE_ADDR", b"").decode("latin-1"),
-                method=params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
-                uri=request.uri,
-                project=request.project,
-                request_class=request.request_class,
-                pid=request.served_by or None,
-                wait_ms=round(wait * 1000, 2),
-                ms=round(duration * 1000, 2),
-                status=status,
-                bytes=request.bytes_out,
-            )
+            get = params.get
+            request_id = get(b"REQUEST_ID") or get(b"HTTP_X_REQUEST_ID")
+            logs.access((
+                request_id.decode("latin-1") if request_id else str(self.requests_served),
+                get(b"REMOTE_ADDR", b"").decode("latin-1"),
+                get(b"REQUEST_METHOD", b"").decode("latin-1"),
+                get(b"REQUEST_URI", b"").decode("latin-1"),
+                request.project,
+                request.request_class,
+                request.served_by or None,
+                round(wait * 1000, 2),
+                round(duration * 1000, 2),
+                status,
+                request.bytes_out,
+            ))  # fmt: skip
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         handlers = {
