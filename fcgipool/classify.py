@@ -111,9 +111,19 @@ class Classifier:
             key=lambda item: -len(item[0]),
         )
         self._checked: OrderedDict[str, ProjectCheck] = OrderedDict()
+        self._parsed: dict[bytes, dict[str, str]] = {}
 
     def ogc(self, params: Mapping[bytes, bytes]) -> dict[str, str]:
-        return ogc_from_query(params.get(b"QUERY_STRING", b"").decode("latin-1"), self.wanted)
+        """The OGC parameters of the query string (read-only: the result is shared). Cached
+        by query string, since GetCapabilities and tile requests repeat theirs; cleared when
+        full rather than kept in LRU order, which would cost on every hit."""
+        query = params.get(b"QUERY_STRING", b"")
+        found = self._parsed.get(query)
+        if found is None:
+            if len(self._parsed) >= _CACHE_SIZE:
+                self._parsed.clear()
+            found = self._parsed[query] = ogc_from_query(query.decode("latin-1"), self.wanted)
+        return found
 
     def classify(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> Rule:
         for rule in self.rules:

@@ -103,17 +103,16 @@ def decode_pairs(data: bytes) -> dict[bytes, bytes]:
     try:
         while pos < end:
             name_len = data[pos]
-            if name_len < 128:
-                pos += 1
+            if name_len < 128:  # both lengths' first bytes read, then the rare long forms
+                value_len = data[pos + 1]
+                pos += 2
             else:
                 name_len = unpack(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
-            value_len = data[pos]
-            if value_len < 128:
-                pos += 1
-            else:
-                value_len = unpack(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
+                value_len = data[pos + 4]
+                pos += 5
+            if value_len >= 128:
+                value_len = unpack(data, pos - 1)[0] & 0x7FFFFFFF
+                pos += 3
             middle = pos + name_len
             stop = middle + value_len
             if stop > end:
