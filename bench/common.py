@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 QGIS = "/usr/lib/cgi-bin/qgis_mapserv.fcgi"
 FAULT_APP = REPO / "tests" / "apps" / "fault_app.py"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+PEERS = ("fcgipool", "spawn-fcgi+multiwatch", "nginx-rr", "apache-mod_fcgid")
 
 
 def qgis_env(home: Path) -> dict[str, str]:
@@ -74,10 +77,13 @@ def _toml(value: object) -> str:
 
 
 class Setup:
-    """One FastCGI manager serving ``command`` behind its own nginx."""
+    """One FastCGI manager serving ``command`` behind its own nginx (Apache is its own front
+    end). Besides start/stop, what the scenarios do to every peer alike: ``reload`` (an
+    operator's new release under load), ``child_pids`` and ``manager_pids`` (who to watch)."""
 
     name = ""
     keepalive = False
+    stop_timeout = 15.0  # seconds a graceful stop may take before SIGKILL (systemd: 90)
 
     def __init__(self, root: Path, workers: int, command: list[str], env: dict[str, str]):
         self.root = root / self.name
@@ -131,6 +137,19 @@ class Setup:
     def stop_manager(self) -> None:
         raise NotImplementedError
 
+    def reload(self) -> None:
+        """Replace every child by a new one (a new release), as an operator would under load;
+        returns once the reload has started, as the operator's command does."""
+        raise NotImplementedError
+
+    def child_pids(self) -> set[int]:
+        """The FastCGI children (processes of ``command``) running now."""
+        raise NotImplementedError
+
+    def manager_pids(self) -> set[int]:
+        """The manager's own processes, for its RSS and CPU: not nginx, not the children."""
+        raise NotImplementedError
+
     def own_pids(self) -> set[int]:
         """Processes of this set-up that are not descendants of the benchmark (spawn-fcgi's
         children are re-parented to init); for the CPU accounting of ``ForeignCpu``."""
@@ -154,9 +173,11 @@ class Fcgipool(Setup):
     name = "fcgipool"
     keepalive = True
 
-    def __init__(self, *args, settings: dict[str, dict] | None = None, **kwargs):
+    def __init__(self, *args, settings: dict[str, dict] | None = None,
+                 source: Path | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.settings = settings or {}
+        self.source = source  # run fcgipool from this source tree (bench/ab.py), not ours
 
     def start_manager(self) -> None:
         config = {
@@ -178,10 +199,15 @@ class Fcgipool(Setup):
             for table in tables:
                 text += head + "\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items())
         path.write_text(text)
+        env = None
+        if self.source is not None:
+            env = {**os.environ, "PYTHONPATH": str(self.source)}
         self.manager = subprocess.Popen(
             [sys.executable, "-m", "fcgipool", "serve", "-c", str(path)],
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / "pool.stderr", "ab"),  # noqa: SIM115
+            cwd=self.source,
+            env=env,
         )
 
     def stop_manager(self) -> None:
@@ -191,6 +217,18 @@ class Fcgipool(Setup):
                 self.manager.wait(60)
             except subprocess.TimeoutExpired:
                 self.manager.kill()
+
+    def reload(self) -> None:
+        """SIGHUP to the pool (``fcgipool reload``): its rolling reload, built in."""
+        if self.manager is not None and self.manager.poll() is None:
+            os.kill(self.manager.pid, signal.SIGHUP)
+
+    def child_pids(self) -> set[int]:
+        return _children(self.manager_pids())
+
+    def manager_pids(self) -> set[int]:
+        alive = self.manager is not None and self.manager.poll() is None
+        return {self.manager.pid} if alive else set()
 
 
 def _spawn(
@@ -217,6 +255,53 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid → (ppid, state) of every process now."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        out[int(entry)] = (int(fields[1]), fields[0])
+    return out
+
+
+def _children(parents: set[int], table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+    """The live children of ``parents`` (zombies are dead: init here does not reap them)."""
+    table = _processes() if table is None else table
+    return {pid for pid, (ppid, state) in table.items() if ppid in parents and state != "Z"}
+
+
+def _descendants(roots: set[int], table: dict[int, tuple[int, str]] | None = None) -> set[int]:
+    table = _processes() if table is None else table
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        frontier = _children(frontier, table) - found
+        found |= frontier
+    return found
+
+
+def _signal(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _wait_gone(pids: set[int], timeout: float) -> bool:
+    """Whether all ``pids`` ended within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _kill(pid_file: Path, socket_path: Path) -> None:
     """SIGKILL the children spawn-fcgi started (their pids are in its pid file; never a
     kill by name: other work on the machine may run the same command), then remove the
@@ -241,7 +326,8 @@ def _kill(pid_file: Path, socket_path: Path) -> None:
 
 class SpawnFcgi(Setup):
     """spawn-fcgi's usual set-up: N children share one socket; one connection per request
-    (a kept-alive connection would pin one of the children, which share the socket)."""
+    (a kept-alive connection would pin one of the children, which share the socket).
+    Nothing watches the children: a child that dies is not replaced."""
 
     name = "spawn-fcgi"
 
@@ -251,16 +337,109 @@ class SpawnFcgi(Setup):
     def stop_manager(self) -> None:
         _kill(self.root / "spawn.pid", self.socket)
 
+    def reload(self) -> None:
+        """No reload in spawn-fcgi: kill the children, spawn new ones."""
+        self.restart_manager()
+
+    def child_pids(self) -> set[int]:
+        return {pid for pid in self.own_pids() if _alive(pid)}
+
+    def manager_pids(self) -> set[int]:
+        return set()  # spawn-fcgi exits once the children are forked
+
     def own_pids(self) -> set[int]:
         return _pids(self.root / "spawn.pid")
+
+
+MULTIWATCH = "/usr/bin/multiwatch"
+MULTIWATCH_RETRIES = 1_000_000  # its default, 3, gives up on a child that crashes often
+
+
+def _spawn_watched(
+    socket_path: Path, children: int, pid_file: Path, command: list[str], env: dict[str, str]
+) -> None:
+    """spawn-fcgi opens the socket and execs multiwatch on it (its pid in ``pid_file``),
+    which forks ``children`` children sharing the socket and forks a new one when one dies
+    (with SIGTERM as the signal it forwards to them on its own shutdown)."""
+    pid_file.unlink(missing_ok=True)
+    spawn = ["spawn-fcgi", "-s", str(socket_path), "-M", "0666", "-P", str(pid_file), "--",
+             MULTIWATCH, "-f", str(children), "-r", str(MULTIWATCH_RETRIES), "-s", "TERM",
+             "--", *command]  # fmt: skip
+    subprocess.run(spawn, env=env, stdout=subprocess.DEVNULL, check=True)
+
+
+def _watchers(pid_files: list[Path]) -> set[int]:
+    """The multiwatch processes of these pid files that run now (checked by their command
+    line, so that a pid reused since is never signalled)."""
+    pids = set()
+    for pid in set().union(*(_pids(path) for path in pid_files)):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0) == b"multiwatch" and _alive(pid):
+            pids.add(pid)
+    return pids
+
+
+def _stop_watched(pid_files: list[Path], sockets: list[Path], timeout: float) -> None:
+    """The service's stop: SIGTERM to multiwatch (shutdown mode: it forwards SIGTERM to its
+    children and respawns none), wait for it and its children until ``timeout``, then
+    SIGKILL what is left, by pid (never by name: others may run the same command). Then the
+    sockets go: nothing holds them any more (spawn-fcgi itself exited at start)."""
+    watchers = _watchers(pid_files)
+    tree = watchers | _descendants(watchers)
+    _signal(watchers, signal.SIGTERM)
+    if not _wait_gone(tree, timeout):
+        tree |= _descendants({pid for pid in watchers if _alive(pid)})
+        _signal({pid for pid in tree if _alive(pid)}, signal.SIGKILL)
+        _wait_gone(tree, 10)
+    for path in [*pid_files, *sockets]:
+        path.unlink(missing_ok=True)
+
+
+class SpawnMultiwatch(Setup):
+    """spawn-fcgi + multiwatch, the usual supervised shared socket (lighttpd's tools): N
+    children share one socket and multiwatch forks a new child when one dies. ``-r`` is
+    large so that it always does: with the default ``-r 3`` it gives up on a child that dies
+    3 times within 10 s of its start (``-t``), e.g. one that crashes often. One connection
+    per request from nginx, as with spawn-fcgi."""
+
+    name = "spawn-fcgi+multiwatch"
+
+    def pid_file(self) -> Path:
+        return self.root / "multiwatch.pid"
+
+    def start_manager(self) -> None:
+        _spawn_watched(self.socket, self.workers, self.pid_file(), self.command, self.env)
+
+    def stop_manager(self) -> None:
+        _stop_watched([self.pid_file()], [self.socket], self.stop_timeout)
+
+    def reload(self) -> None:
+        """The service's restart (stop, then start), what ``systemctl restart`` does to a
+        spawn-fcgi unit: the socket is gone between the two, so requests meanwhile fail;
+        returns once the new children are forked, not when they are ready."""
+        self.restart_manager()
+
+    def child_pids(self) -> set[int]:
+        return _children(self.manager_pids())
+
+    def manager_pids(self) -> set[int]:
+        return _watchers([self.pid_file()])
+
+    def own_pids(self) -> set[int]:
+        return self.manager_pids()
 
 
 class NginxRoundRobin(Setup):
     """The systemd-template set-up (qgis-server@N.socket + qgis-server@N.service): N
     single-child FastCGI servers, each on its own socket, and nginx's round-robin upstream
     over the N sockets, a connection per request (a kept-alive connection to a single-child
-    socket would block the next connection nginx opens to it). spawn-fcgi -F 1 stands in
-    for systemd: it too hands the child a listening socket on fd 0.
+    socket would block the next connection nginx opens to it). Each socket is served by
+    spawn-fcgi + ``multiwatch -f 1``, which stands in for systemd: the child gets the
+    listening socket on fd 0, multiwatch restarts it when it dies (Restart=always) and keeps
+    the socket open while it is replaced, as a socket unit does.
 
     ``balance`` replaces round-robin by another nginx balancing directive, e.g.
     ``hash $arg_project consistent;`` (projects pinned to a child by hashing)."""
@@ -276,23 +455,295 @@ class NginxRoundRobin(Setup):
     def sockets(self) -> list[Path]:
         return [self.root / f"fcgi-{i}.sock" for i in range(self.workers)]
 
+    def pid_files(self) -> list[Path]:
+        return [self.root / f"multiwatch-{i}.pid" for i in range(self.workers)]
+
     def upstream(self) -> str:
         servers = " ".join(f"server unix:{path};" for path in self.sockets())
         return f"{self.balance} {servers}".strip()
 
     def start_manager(self) -> None:
-        for i, path in enumerate(self.sockets()):
-            _spawn(path, 1, self.root / f"spawn-{i}.pid", self.command, self.env)
+        for path, pid_file in zip(self.sockets(), self.pid_files(), strict=True):
+            _spawn_watched(path, 1, pid_file, self.command, self.env)
 
     def stop_manager(self) -> None:
-        for i, path in enumerate(self.sockets()):
-            _kill(self.root / f"spawn-{i}.pid", path)
+        _stop_watched(self.pid_files(), self.sockets(), self.stop_timeout)
+
+    def reload(self) -> None:
+        """A rolling restart, as ``systemctl restart qgis-server@i`` one instance after the
+        other: SIGTERM instance i's child (SIGKILL after ``stop_timeout``, as systemd's
+        TimeoutStopSec), wait until multiwatch has forked its replacement on the same socket
+        (not until it is ready: requests queue on the socket meanwhile), then the next."""
+        for pid_file in self.pid_files():
+            watcher = _watchers([pid_file])
+            old = _children(watcher)
+            _signal(old, signal.SIGTERM)
+            if not _wait_gone(old, self.stop_timeout):
+                _signal(old, signal.SIGKILL)
+                _wait_gone(old, 10)
+            deadline = time.monotonic() + 10
+            while watcher and not _children(watcher) - old:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{pid_file}: multiwatch forked no new child")
+                time.sleep(0.01)
+
+    def child_pids(self) -> set[int]:
+        return _children(self.manager_pids())
+
+    def manager_pids(self) -> set[int]:
+        return _watchers(self.pid_files())
 
     def own_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for i in range(self.workers):
-            pids |= _pids(self.root / f"spawn-{i}.pid")
-        return pids
+        return self.manager_pids()
+
+
+APACHE = "/usr/sbin/apache2"
+APACHE_MODULES = "/usr/lib/apache2/modules"
+APACHE_USER = "www-data"
+
+
+def _as_apache_user(*test: str) -> bool:
+    """``test *test`` run as Apache's User: can its children read or run this?"""
+    check = ["runuser", "-u", APACHE_USER, "--", "test", *test]
+    return subprocess.run(check, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def _apache_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ApacheFcgid(Setup):
+    """Apache 2.4 (event MPM) with mod_fcgid, Apache itself the front end (no nginx). Every
+    URL path runs one wrapper script (``exec command``), so one mod_fcgid class, with what
+    an operator sets to get exactly N children and keep them:
+
+    - FcgidMaxProcesses N, FcgidMaxProcessesPerClass N, FcgidMinProcessesPerClass N;
+    - FcgidMaxRequestsPerProcess 0, FcgidProcessLifeTime 0, FcgidIdleTimeout 0 (no
+      recycling, no idle kill);
+    - FcgidIOTimeout 120 (nginx's fastcgi_read_timeout), FcgidBusyTimeout 3600,
+      FcgidConnectTimeout 20, FcgidMaxRequestLen 1 GiB;
+    - FcgidSpawnScoreUpLimit 100000 (default 10: each spawn scores 1, each exit 2, 1 decays a
+      second, so a class above 10 stops spawning: N children would come ~1 a second past
+      the tenth, a crashing child would be replaced late), FcgidSpawnScore 1,
+      FcgidTerminationScore 2, FcgidTimeScore 1;
+    - FcgidErrorScanInterval 1, FcgidZombieScanInterval 1 (default 3: a dead child's slot
+      is freed, and a new child allowed, only at these scans).
+
+    mod_fcgid spawns on demand only: children start with the first requests (one per request
+    that finds none idle), never at start-up; FcgidMinProcessesPerClass only keeps them. A
+    request that finds all N busy polls for a free one once a second (up to ~64 s, then
+    503), so latency under saturation comes in steps of a second.
+
+    Keep-alive as nginx's: KeepAlive On, MaxKeepAliveRequests 0, KeepAliveTimeout 75. The
+    event MPM holds idle keep-alive connections without a thread; 4 processes of 128 threads
+    (ServerLimit 8 leaves room for a graceful restart's old generation) and
+    AsyncRequestWorkerFactor 4 accept up to 4 x (128 + 4 x 128) = 2560 connections.
+
+    ``Mutex sysvsem default``: with fcntl locks (Debian's ``Mutex file:``) mod_fcgid's two
+    locks, taken by threads of several processes, get false EDEADLK from the kernel under
+    load (the request fails: "can't lock process table"); with pthread or flock, old-
+    generation workers left stuck after a graceful restart make the next stop take 10 s.
+    Either way a graceful restart under load loses a few requests in flight.
+
+    The children run as www-data: the command must be readable by it; a HOME it cannot
+    write (the caller's, owned by root) is replaced by one of its own in this set-up's
+    directory."""
+
+    name = "apache-mod_fcgid"
+
+    def conf(self) -> Path:
+        return self.root / "apache.conf"
+
+    def start(self) -> None:
+        self.start_manager()
+
+    def stop(self) -> None:
+        self.stop_manager()
+
+    def _write_conf(self) -> None:
+        import pwd
+        import shlex
+
+        user = pwd.getpwnam(APACHE_USER)
+        if not _as_apache_user("-x", self.command[0]):
+            raise RuntimeError(f"{APACHE_USER} cannot run {self.command[0]}")
+        for arg in self.command[1:]:
+            if arg.startswith("/") and os.path.exists(arg) and not _as_apache_user("-r", arg):
+                raise RuntimeError(f"{APACHE_USER} cannot read {arg}")
+        env = dict(self.env)
+        if "HOME" in env and not _as_apache_user("-w", env["HOME"]):
+            home = self.root / "home"
+            home.mkdir(exist_ok=True)
+            os.chown(home, user.pw_uid, user.pw_gid)
+            env["HOME"] = str(home)
+        run, ipc, cgi = self.root / "run", self.root / "fcgid", self.root / "cgi"
+        for directory in (run, ipc, cgi):
+            directory.mkdir(exist_ok=True)
+        os.chown(ipc, user.pw_uid, user.pw_gid)
+        wrapper = cgi / "app.fcgi"
+        wrapper.write_text(f"#!/bin/sh\nexec {shlex.join(self.command)}\n")
+        wrapper.chmod(0o755)
+        n = self.workers
+        initial_env = "\n".join(
+            f"FcgidInitialEnv {name} {_apache_quote(value)}" for name, value in env.items()
+        )
+        modules = ["mpm_event", "authz_core", "alias", "fcgid"]
+        self.conf().write_text(
+            "\n".join(
+                f"LoadModule {module}_module {APACHE_MODULES}/mod_{module}.so" for module in modules
+            )
+            + textwrap.dedent(f"""
+            ServerRoot {self.root}
+            ServerName 127.0.0.1
+            User {APACHE_USER}
+            Group {APACHE_USER}
+            Listen 127.0.0.1:{self.port}
+            ListenBacklog 4096
+            PidFile {self.root}/apache.pid
+            DefaultRuntimeDir {run}
+            Mutex sysvsem default
+            ErrorLog {self.root}/apache-error.log
+            LogLevel warn
+            Timeout 120
+            KeepAlive On
+            MaxKeepAliveRequests 0
+            KeepAliveTimeout 75
+
+            ServerLimit 8
+            StartServers 4
+            ThreadLimit 128
+            ThreadsPerChild 128
+            MaxRequestWorkers 512
+            MinSpareThreads 128
+            MaxSpareThreads 512
+            AsyncRequestWorkerFactor 4
+            MaxConnectionsPerChild 0
+
+            FcgidIPCDir {ipc}
+            FcgidProcessTableFile {run}/fcgid_shm
+            FcgidMaxProcesses {n}
+            FcgidMaxProcessesPerClass {n}
+            FcgidMinProcessesPerClass {n}
+            FcgidMaxRequestsPerProcess 0
+            FcgidProcessLifeTime 0
+            FcgidIdleTimeout 0
+            FcgidIOTimeout 120
+            FcgidBusyTimeout 3600
+            FcgidConnectTimeout 20
+            FcgidMaxRequestLen 1073741824
+            FcgidSpawnScoreUpLimit 100000
+            FcgidSpawnScore 1
+            FcgidTerminationScore 2
+            FcgidTimeScore 1
+            FcgidErrorScanInterval 1
+            FcgidZombieScanInterval 1
+            """)
+            + initial_env
+            + textwrap.dedent(f"""
+
+            DocumentRoot {cgi}
+            AliasMatch ^/ {wrapper}
+            <Directory {cgi}>
+                Options +ExecCGI
+                SetHandler fcgid-script
+                Require all granted
+            </Directory>
+            """)
+        )
+
+    def start_manager(self) -> None:
+        """Apache in the foreground; returns once it listens."""
+        self._write_conf()
+        self.manager = subprocess.Popen(
+            [APACHE, "-f", str(self.conf()), "-DFOREGROUND"],
+            env={"PATH": SAFE_PATH, "LANG": "C"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "apache.stderr", "ab"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.manager.poll() is not None:
+                log = (self.root / "apache-error.log", self.root / "apache.stderr")
+                tail = "".join(p.read_text(errors="replace")[-2000:] for p in log if p.exists())
+                raise RuntimeError(f"apache2 exited ({self.manager.returncode}):\n{tail}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"apache2 does not listen on {self.port} after 30 s")
+            time.sleep(0.05)
+
+    def stop_manager(self) -> None:
+        """SIGTERM to the parent (it stops its workers; mod_fcgid's process manager TERMs
+        the children, then KILLs them a second later); SIGKILL what is left after
+        ``stop_timeout``. The IPC sockets go with it."""
+        if self.manager is not None and self.manager.poll() is None:
+            tree = self.own_pids()
+            self.manager.terminate()
+            try:
+                self.manager.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                tree |= self.own_pids()
+                _signal({pid for pid in tree if _alive(pid)}, signal.SIGKILL)
+                self.manager.wait(10)
+            if not _wait_gone(tree, 10):
+                _signal({pid for pid in tree if _alive(pid)}, signal.SIGKILL)
+                _wait_gone(tree, 10)
+        for path in (self.root / "fcgid").glob("**/*"):
+            if path.is_socket():
+                path.unlink(missing_ok=True)
+
+    def reload(self) -> None:
+        """``apachectl graceful`` (SIGUSR1 to the parent): a new generation of workers and a
+        new mod_fcgid process manager; the old one ends its children (TERM, KILL a second
+        later), and new children are spawned on demand by the next requests."""
+        if self.manager is not None and self.manager.poll() is None:
+            os.kill(self.manager.pid, signal.SIGUSR1)
+
+    def _parent(self) -> set[int]:
+        alive = self.manager is not None and self.manager.poll() is None
+        return {self.manager.pid} if alive else set()
+
+    def child_pids(self) -> set[int]:
+        """The children of mod_fcgid's process manager(s), itself a child of the parent."""
+        table = _processes()
+        return _children(_children(self._parent(), table), table)
+
+    def manager_pids(self) -> set[int]:
+        """The parent, its workers and mod_fcgid's process manager(s)."""
+        parent = self._parent()
+        return parent | _children(parent)
+
+    def own_pids(self) -> set[int]:
+        parent = self._parent()
+        return parent | _descendants(parent)
+
+
+def make_setups(
+    root: Path,
+    workers: int,
+    command: list[str],
+    env: dict[str, str],
+    *,
+    peers: Sequence[str] = (),
+    fcgipool_settings: dict | None = None,
+) -> list[Setup]:
+    """The set-ups named in ``peers`` (all of PEERS when empty), in that order, not started."""
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peers {unknown}; known: {', '.join(PEERS)}")
+    others: dict[str, type[Setup]] = {
+        "spawn-fcgi+multiwatch": SpawnMultiwatch,
+        "nginx-rr": NginxRoundRobin,
+        "apache-mod_fcgid": ApacheFcgid,
+    }
+    return [
+        Fcgipool(root, workers, command, env, settings=fcgipool_settings)
+        if peer == "fcgipool"
+        else others[peer](root, workers, command, env)
+        for peer in peers or PEERS
+    ]
 
 
 @dataclass

@@ -1,76 +1,74 @@
-"""Scenario (a): a trivial C FastCGI child (bench/apps/hello.c, built from libfcgi), the
-worst case for a manager in the data path: the child costs almost nothing, so whatever the
-manager spends per request shows. fcgipool vs spawn-fcgi, 2 children each, behind nginx.
+"""Scenario (a): a trivial C FastCGI child, the worst case for a manager in the data path.
 
-    .venv/bin/python bench/trivial.py --repeats 5 --duration 10
+The child is bench/apps/hello.c (libfcgi, answers one line; built here with gcc): it costs
+almost nothing, so whatever a manager spends per request shows. Every peer runs 2 of them,
+behind its own web server as ``common.make_setups`` sets it up: fcgipool behind nginx's
+keepalive upstream; spawn-fcgi+multiwatch, 2 children on one shared socket, nginx opening a
+connection per request; nginx round-robin over one single-child socket per child; Apache with
+mod_fcgid, Apache itself the web server (no nginx in front). wrk -t1 -c8 loads each for 8 s
+per run, runs interleaved, medians of the repeats.
 
-Also reports the supervisor's CPU time per request (user + system of the pool process over
-the run, divided by the requests answered).
+Metrics: ``req_per_s``, ``p50_ms``, ``p99_ms`` and ``errors`` (non-2xx answers and socket
+errors) from wrk; for fcgipool also ``cpu_us_per_request``: the pool process's user + system
+CPU time over the run divided by the requests wrk counted. The other managers are not in the
+data path (spawn-fcgi, multiwatch) or are the web server itself (Apache), so they have no such
+figure. Goals (issue 6): >= 0.6x spawn-fcgi's requests/s, <= 40 µs of pool CPU per request.
 """
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import statistics
-import sys
-import tempfile
-from pathlib import Path
-
-import psutil
-from common import SAFE_PATH, Fcgipool, SpawnFcgi, machine, run_wrk, wait_http
+import common
 from memory import build_hello
+from results import (
+    Context,
+    Row,
+    cpu_seconds,
+    interleaved,
+    log,
+    metric_rows,
+    peer_setups,
+    running,
+    warm,
+    wrk_metrics,
+)
+
+KEY = "a"
+NAME = "a-trivial"
+TITLE = "Trivial C FastCGI child (worst case for a proxy)"
+HEADLINE = [
+    ("req_per_s", "requests/s"),
+    ("p99_ms", "p99 latency, ms"),
+    ("cpu_us_per_request", "pool CPU per request, µs"),
+]
+WORKERS, CONNECTIONS, SECONDS = 2, 8, 8.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=10)
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="fcgipool-bench-"))
-    root.chmod(0o755)
-    command = [str(build_hello(root))]
-    env = {"PATH": SAFE_PATH}
-    ours = Fcgipool(root, args.workers, command, env)
-    peer = SpawnFcgi(root, args.workers, command, env)
-    rates: dict[str, list[float]] = {ours.name: [], peer.name: []}
-    p99s: dict[str, list[float]] = {ours.name: [], peer.name: []}
-    cpu_per_request: list[float] = []
-    try:
-        for setup in (ours, peer):
-            setup.start()
-            wait_http(setup.url("/x"))
-            run_wrk(setup.url("/x"), 2, args.connections)  # warm-up
-        for repeat in range(args.repeats):
-            for setup in (ours, peer) if repeat % 2 == 0 else (peer, ours):
-                process = psutil.Process(ours.manager.pid) if setup is ours else None
-                before = sum(process.cpu_times()[:2]) if process else 0.0
-                result = run_wrk(setup.url("/x"), args.duration, args.connections)
-                if process:
-                    cpu_per_request.append((sum(process.cpu_times()[:2]) - before)
-                                           / result.requests)  # fmt: skip
-                rates[setup.name].append(result.requests_per_s)
-                p99s[setup.name].append(result.p99_ms)
-                print(f"# {repeat + 1}/{args.repeats} {setup.name:<10} "
-                      f"{result.requests_per_s:8.0f} req/s p99 {result.p99_ms:.2f} ms "
-                      f"errors {result.errors}", file=sys.stderr, flush=True)  # fmt: skip
-    finally:
-        ours.stop()
-        peer.stop()
-        shutil.rmtree(root, ignore_errors=True)
-    rate = statistics.median(rates[ours.name])
-    peer_rate = statistics.median(rates[peer.name])
-    print(f"Machine: {machine()}. wrk -t1 -c{args.connections}, {args.duration:g} s runs, "
-          f"median of {args.repeats}, {args.workers} children.\n")
-    print("| manager | req/s | p99 ms | ratio to spawn-fcgi | supervisor CPU per request |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| fcgipool | {rate:.0f} | {statistics.median(p99s[ours.name]):.2f} | "
-          f"{rate / peer_rate:.3f} | {statistics.median(cpu_per_request) * 1e6:.0f} µs |")
-    print(f"| spawn-fcgi | {peer_rate:.0f} | {statistics.median(p99s[peer.name]):.2f} | 1 | "
-          "— (not in the data path) |")
+def estimate(ctx: Context) -> float:
+    """Seconds the scenario takes, for the suite's estimate."""
+    peers = sum(ctx.wants(p) for p in common.PEERS)
+    return peers * (ctx.repeats * (ctx.duration(SECONDS) + 0.3) + (1.7 if ctx.quick else 2.7))
 
 
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> list[Row]:
+    if not any(ctx.wants(p) for p in common.PEERS):
+        return []
+    command = [str(build_hello(ctx.root))]
+    named = peer_setups(ctx, WORKERS, command, {"PATH": common.SAFE_PATH})
+    rows: list[Row] = []
+    with running(setup for _, setup in named):
+        for _, setup in named:
+            warm(setup, "/x", WORKERS, CONNECTIONS, 1 if ctx.quick else 2)
+        for repeat, (peer, setup) in interleaved(named, ctx.repeats):
+            pool = setup.manager_pids() if peer == "fcgipool" else set()
+            before = cpu_seconds(pool)
+            result = common.run_wrk(setup.url("/x"), ctx.duration(SECONDS), CONNECTIONS)
+            metrics = wrk_metrics(result)
+            if pool:
+                used = cpu_seconds(pool) - before
+                metrics["cpu_us_per_request"] = used / max(result.requests, 1) * 1e6
+            rows += metric_rows(NAME, "hello", peer, repeat, metrics)
+            cpu = metrics.get("cpu_us_per_request")
+            log(f"{NAME} {repeat + 1}/{ctx.repeats} {peer:<22} {result.requests_per_s:8.0f}"
+                f" req/s p99 {result.p99_ms:6.2f} ms errors {result.errors}"
+                + (f" pool CPU {cpu:.0f} µs/request" if cpu is not None else ""))  # fmt: skip
+    return rows

@@ -59,6 +59,9 @@ def _raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+_OUR_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what the pool sends to stop a child
+
+
 def describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
@@ -511,6 +514,8 @@ class Pool:
         level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
         if failed:
             reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in _OUR_SIGNALS:
+                reason = "crash"  # e.g. SIGSEGV while its failed probe was being handled
             self.restarts[reason] += 1
             self._failure(describe_status(status))
         if self.stopping:

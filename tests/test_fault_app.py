@@ -347,6 +347,15 @@ def test_crash_before_dies_by_sigsegv(fault_app):
     assert app.wait() == -signal.SIGSEGV
 
 
+def test_crash_every_n_requests(fault_app):
+    app = fault_app("--crash-every", "3")
+    assert [app.request().headers["X-Served"] for _ in range(2)] == ["1", "2"]
+    with app.connect() as sock:  # the 3rd request: dead before a byte of the answer
+        sock.sendall(protocol.encode_request(1, params("")))
+        assert read_until_eof(sock) == b""
+    assert app.wait() == -signal.SIGSEGV
+
+
 def test_crash_exit(fault_app):
     app = fault_app()
     with pytest.raises(ConnectionError):

@@ -47,7 +47,9 @@ writes ``fault_app pid=PID uri=URI`` to stderr.
 
 Command line: ``--start-delay SECONDS`` (sleep before the first accept), ``--fail-start``
 (print an error to stderr and exit 1), ``--ignore-term`` (SIGTERM ignored for the whole
-life), ``--cache-size K`` (default 5).
+life), ``--cache-size K`` (default 5), ``--crash-every N`` (die by SIGSEGV at the start of the
+Nth request this process serves, before writing anything: a child that crashes every N
+requests, as a leaking or buggy program does; its replacement counts from 0 again).
 
 SIGTERM, like libfcgi: idle (in accept() or waiting for the next request on a kept
 connection, or in the start delay) exits 0 at once; busy finishes the current request, closes
@@ -179,6 +181,7 @@ served = 0
 kept_memory: list[bytearray] = []
 project_cache: OrderedDict[str, None] = OrderedDict()
 cache_size = 5
+crash_every = 0  # --crash-every: 0 is never
 
 
 def on_term(signum, frame):
@@ -251,6 +254,8 @@ def respond(request_id: int, params: dict[str, str], stdin: bytes, conn: Connect
     uri = params.get("REQUEST_URI", "")
     if os.environ.get("FAULT_LOG_EVERY_REQUEST") == "1":
         print(f"fault_app pid={os.getpid()} uri={uri}", file=sys.stderr, flush=True)
+    if crash_every and served % crash_every == 0:
+        die(signal.SIGSEGV)
     query = {k: v[-1] for k, v in parse_qs(params.get("QUERY_STRING", "")).items()}
     headers = {"X-Served": str(served), "X-Request-Id": str(request_id)}
     try:
@@ -353,17 +358,19 @@ def serve_connection(conn: Connection) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global cache_size, state
+    global cache_size, crash_every, state
     parser = argparse.ArgumentParser(description="FastCGI fault-injection child")
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--fail-start", action="store_true")
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--cache-size", type=int, default=5)
+    parser.add_argument("--crash-every", type=int, default=0)
     args = parser.parse_args(argv)
     if args.fail_start:
         print("fault_app: --fail-start: failing at start-up on purpose", file=sys.stderr)
         sys.exit(1)
     cache_size = args.cache_size
+    crash_every = args.crash_every
     signal.signal(signal.SIGTERM, signal.SIG_IGN if args.ignore_term else on_term)
     if args.start_delay:
         time.sleep(args.start_delay)

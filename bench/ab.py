@@ -1,0 +1,81 @@
+"""What a change to fcgipool bought: the pool of another git revision against the working
+tree's, side by side on the trivial C child (scenario a's set-up), runs interleaved.
+
+    .venv/bin/python bench/ab.py c92e87b --repeats 5
+
+The revision is checked out in a temporary git worktree and run from there (PYTHONPATH and
+working directory), with the same configuration, children, nginx and wrk as the working
+tree's pool. Reports requests/s and the pool's CPU time per request, medians of the repeats,
+and the ratio of each to the baseline's. docs/benchmarks.md records what each hot-path change
+bought with this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import common
+from memory import build_hello
+from results import cpu_seconds, interleaved, log, warm
+
+WORKERS, CONNECTIONS = 2, 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", help="a git revision: the pool to compare with")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=6)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="fcgipool-ab-"))
+    root.chmod(0o755)
+    tree = root / "baseline-tree"
+    subprocess.run(["git", "-C", str(common.REPO), "worktree", "add", "--detach", str(tree),
+                    args.baseline], check=True, capture_output=True)  # fmt: skip
+    command = [str(build_hello(root))]
+    env = {"PATH": common.SAFE_PATH}
+    setups = {
+        args.baseline: common.Fcgipool(root / "a", WORKERS, command, env, source=tree),
+        "working tree": common.Fcgipool(root / "b", WORKERS, command, env),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in setups}
+    cpu: dict[str, list[float]] = {name: [] for name in setups}
+    try:
+        for setup in setups.values():
+            setup.start()
+            warm(setup, "/x", WORKERS, CONNECTIONS, 2)
+        for repeat, name in interleaved(list(setups), args.repeats):
+            setup = setups[name]
+            before = cpu_seconds(setup.manager_pids())
+            result = common.run_wrk(setup.url("/x"), args.duration, CONNECTIONS)
+            used = cpu_seconds(setup.manager_pids()) - before
+            rates[name].append(result.requests_per_s)
+            cpu[name].append(used / max(result.requests, 1) * 1e6)
+            log(f"{repeat + 1}/{args.repeats} {name:<14} {result.requests_per_s:8.0f} req/s "
+                f"{cpu[name][-1]:6.1f} µs/request errors {result.errors}")  # fmt: skip
+    finally:
+        for setup in setups.values():
+            setup.stop()
+        subprocess.run(["git", "-C", str(common.REPO), "worktree", "remove", "--force",
+                        str(tree)], check=False, capture_output=True)  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+    base = args.baseline
+    print(
+        f"Machine: {common.machine()}. Trivial C child, {WORKERS} children, wrk -t1 "
+        f"-c{CONNECTIONS}, {args.duration:g} s runs, median of {args.repeats}.\n"
+    )
+    print("| pool | req/s | ratio | pool CPU µs/request | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for name in setups:
+        rate, us = statistics.median(rates[name]), statistics.median(cpu[name])
+        base_rate, base_us = statistics.median(rates[base]), statistics.median(cpu[base])
+        print(f"| {name} | {rate:.0f} | {rate / base_rate:.3f} | {us:.1f} | {us / base_us:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The benchmark suite runs end to end: scenario (a) against every peer, briefly.
+
+Its numbers mean nothing in a 2 s run on a busy machine; what is checked is that every peer
+starts, answers without errors, and that every output of the suite is written and readable.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS = {"fcgipool", "spawn-fcgi+multiwatch", "nginx-rr", "apache-mod_fcgid"}
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as source:
+        return list(csv.DictReader(source))
+
+
+def test_quick_suite_run_of_the_trivial_child_writes_every_output(tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, str(REPO / "bench" / "suite.py"), "--quick", "--repeats", "1",
+               "--only", "a", "--out", str(out)]  # fmt: skip
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as suite:  # fmt: skip
+        try:
+            _, stderr = suite.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            suite.terminate()  # the suite stops its servers on SIGTERM
+            _, stderr = suite.communicate(timeout=60)
+            pytest.fail(f"the suite took more than 180 s:\n{stderr[-4000:]}")
+    assert suite.returncode == 0, stderr[-4000:]
+
+    rows = read(out / "results.csv")
+    assert {row["scenario"] for row in rows} == {"a-trivial"}
+    rates = {row["peer"]: float(row["value"]) for row in rows if row["metric"] == "req_per_s"}
+    assert set(rates) == PEERS
+    assert all(rate > 0 for rate in rates.values()), rates
+    errors = {row["peer"]: float(row["value"]) for row in rows if row["metric"] == "errors"}
+    assert errors == dict.fromkeys(PEERS, 0.0)
+    assert any(row["metric"] == "cpu_us_per_request" for row in rows)
+
+    medians = read(out / "medians.csv")
+    ratios = {m["peer"]: m["ratio_to_fcgipool"] for m in medians if m["metric"] == "req_per_s"}
+    assert set(ratios) == PEERS
+    assert ratios["fcgipool"] == "1"
+    assert all(float(value) > 0 for value in ratios.values()), ratios
+
+    with Image.open(out / "a-trivial.png") as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 400 and image.size[1] > 200
+        image.verify()
+
+    summary = (out / "summary.md").read_text()
+    assert "## a-trivial" in summary
+    assert "| case | peer | requests/s |" in summary
+    assert "|---|---|" in summary
+    for peer in PEERS:
+        assert f"| hello | {peer} |" in summary or f"| hello | **{peer}** |" in summary
+
+    run = (out / "run.txt").read_text()
+    assert "a-trivial: ok" in run and "nginx" in run and "qgis-server" in run
