@@ -1,9 +1,10 @@
-"""What a change to fcgipool bought: the pool of another git revision against the working
-tree's, side by side on the trivial C child (scenario a's set-up), runs interleaved.
+"""What a change to fcgipool bought: the pool of one git revision against another's (or the
+working tree's), side by side on the trivial C child (scenario a's set-up), runs interleaved.
 
-    .venv/bin/python bench/ab.py c92e87b --repeats 5
+    .venv/bin/python bench/ab.py c92e87b --repeats 5          # c92e87b vs the working tree
+    .venv/bin/python bench/ab.py c92e87b 5b1f0e2 --repeats 5  # one commit's change
 
-The revision is checked out in a temporary git worktree and run from there (PYTHONPATH and
+Each revision is checked out in a temporary git worktree and run from there (PYTHONPATH and
 working directory), with the same configuration, children, nginx and wrk as the working
 tree's pool. Reports requests/s and the pool's CPU time per request, medians of the repeats,
 and the ratio of each to the baseline's. docs/benchmarks.md records what each hot-path change
@@ -29,20 +30,25 @@ WORKERS, CONNECTIONS = 2, 8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", help="a git revision: the pool to compare with")
+    parser.add_argument("revision", nargs="?", help="a git revision (default: the working tree)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duration", type=float, default=6)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fcgipool-ab-"))
     root.chmod(0o755)
-    tree = root / "baseline-tree"
-    subprocess.run(["git", "-C", str(common.REPO), "worktree", "add", "--detach", str(tree),
-                    args.baseline], check=True, capture_output=True)  # fmt: skip
+    trees = {}
+    for name in filter(None, (args.baseline, args.revision)):
+        trees[name] = root / f"tree-{len(trees)}"
+        subprocess.run(["git", "-C", str(common.REPO), "worktree", "add", "--detach",
+                        str(trees[name]), name], check=True, capture_output=True)  # fmt: skip
     command = [str(build_hello(root))]
     env = {"PATH": common.SAFE_PATH}
+    new = args.revision or "working tree"
     setups = {
-        args.baseline: common.Fcgipool(root / "a", WORKERS, command, env, source=tree),
-        "working tree": common.Fcgipool(root / "b", WORKERS, command, env),
-    }
+        args.baseline: common.Fcgipool(root / "a", WORKERS, command, env,
+                                       source=trees[args.baseline]),
+        new: common.Fcgipool(root / "b", WORKERS, command, env, source=trees.get(new)),
+    }  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in setups}
     cpu: dict[str, list[float]] = {name: [] for name in setups}
     try:
@@ -61,8 +67,9 @@ def main() -> None:
     finally:
         for setup in setups.values():
             setup.stop()
-        subprocess.run(["git", "-C", str(common.REPO), "worktree", "remove", "--force",
-                        str(tree)], check=False, capture_output=True)  # fmt: skip
+        for tree in trees.values():
+            subprocess.run(["git", "-C", str(common.REPO), "worktree", "remove", "--force",
+                            str(tree)], check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
     base = args.baseline
     print(
