@@ -546,13 +546,18 @@ class ResponseScanner:
         return (buffer[:pos] if pos < end else buffer), starts, has_output, finished
 
 
-def stdout_content(records: bytes, starts: list[int]) -> bytes:
-    """The STDOUT bytes carried by whole ``records`` (as returned by ResponseScanner)."""
+def stdout_content(records: bytes, starts: list[int], limit: int = 1 << 30) -> bytes:
+    """The STDOUT bytes carried by whole ``records`` (as returned by ResponseScanner), at
+    least the first ``limit`` of them when there are more (the pool reads only the head)."""
     parts = []
+    size = 0
     for start in starts:
         if records[start + 1] == _STDOUT:
             length = (records[start + 4] << 8) | records[start + 5]
             parts.append(records[start + 8 : start + 8 + length])
+            size += length
+            if size >= limit:
+                break
     return b"".join(parts)
 
 

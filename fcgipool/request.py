@@ -54,6 +54,7 @@ _BEGIN = {  # the BEGIN_REQUEST record sent to a child, by FCGI_KEEP_CONN
 _REPEATABLE = (b"GET", b"HEAD")
 _CLASSIFY_BODY_LIMIT = 65536  # POST bodies up to this size are read to classify them
 ABORTED = 499  # nginx's code for a request whose client went away
+_HEAD_LIMIT = 8192  # the CGI headers are read from this much of the first output, not all
 
 
 class Phase(enum.Enum):
@@ -289,7 +290,7 @@ class Request:
         if has_output and not self.response_started:
             self.response_started = True
             self._sent = None
-            self.status = response_status(stdout_content(records, starts))
+            self.status = response_status(stdout_content(records, starts, _HEAD_LIMIT))
         if self.request_id != CHILD_REQUEST_ID:
             records = retag(records, starts, self.request_id)
         self.front.write(records)
