@@ -255,8 +255,9 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid → (ppid, state) of every process now."""
+def _proc_stats() -> dict[int, list[str]]:
+    """pid → the fields of /proc/PID/stat after the command name (state, ppid, ...), of
+    every process now."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -265,9 +266,13 @@ def _processes() -> dict[int, tuple[int, str]]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
-        out[int(entry)] = (int(fields[1]), fields[0])
+        out[int(entry)] = stat.rpartition(")")[2].split()
     return out
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid → (ppid, state) of every process now."""
+    return {pid: (int(fields[1]), fields[0]) for pid, fields in _proc_stats().items()}
 
 
 def _children(parents: set[int], table: dict[int, tuple[int, str]] | None = None) -> set[int]:
@@ -974,17 +979,8 @@ def run_load(port: int, duration: float, workers: int, choose, timeout: float = 
 
 def _proc_cpu() -> dict[int, tuple[int, int]]:
     """pid → (ppid, utime + stime in clock ticks) of every process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        out[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    return out
+    return {pid: (int(fields[1]), int(fields[11]) + int(fields[12]))
+            for pid, fields in _proc_stats().items()}  # fmt: skip
 
 
 class ForeignCpu:
