@@ -111,19 +111,28 @@ class Classifier:
             key=lambda item: -len(item[0]),
         )
         self._checked: OrderedDict[str, ProjectCheck] = OrderedDict()
-        self._parsed: dict[bytes, dict[str, str]] = {}
+        self._by_params = any(rule.params for rule in self.rules)
+        self._parsed: dict[bytes, tuple[dict[str, str], Rule | None]] = {}
 
     def ogc(self, params: Mapping[bytes, bytes]) -> dict[str, str]:
-        """The OGC parameters of the query string (read-only: the result is shared). Cached
-        by query string, since GetCapabilities and tile requests repeat theirs; cleared when
-        full rather than kept in LRU order, which would cost on every hit."""
+        """The OGC parameters of the query string (read-only: the result is shared)."""
+        return self.of_query(params)[0]
+
+    def of_query(self, params: Mapping[bytes, bytes]) -> tuple[dict[str, str], Rule]:
+        """The OGC parameters of the query string (read-only: shared) and the class they
+        give. Cached by query string, since GetCapabilities and tile requests repeat theirs
+        (the class too, unless a rule looks at other params); cleared when full rather than
+        kept in LRU order, which would cost on every hit."""
         query = params.get(b"QUERY_STRING", b"")
         found = self._parsed.get(query)
         if found is None:
             if len(self._parsed) >= _CACHE_SIZE:
                 self._parsed.clear()
-            found = self._parsed[query] = ogc_from_query(query.decode("latin-1"), self.wanted)
-        return found
+            ogc = ogc_from_query(query.decode("latin-1"), self.wanted)
+            rule = None if self._by_params else self.classify(ogc, params)
+            found = self._parsed[query] = (ogc, rule)
+        ogc, rule = found
+        return ogc, rule if rule is not None else self.classify(ogc, params)
 
     def classify(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> Rule:
         for rule in self.rules:

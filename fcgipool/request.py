@@ -160,14 +160,14 @@ class Request:
         """Classify, check the project, then queue or start."""
         classifier = self.pool.classifier
         params = self.params
-        ogc = classifier.ogc(params)
+        ogc, rule = classifier.of_query(params)
         if body and not ("SERVICE" in ogc and "REQUEST" in ogc):
             content_type = params.get(b"CONTENT_TYPE", b"").decode("latin-1").lower()
             from_body = ogc_from_body(body, content_type, classifier.wanted)
             ogc = {**from_body, **ogc}
-        rule = classifier.classify(ogc, params)
-        self.request_class = rule.name
-        self.timeout = self.pool.dispatcher.classes[rule.name].request_timeout
+            rule = classifier.classify(ogc, params)
+        self.request_class = name = rule.name
+        self.timeout = self.pool.dispatcher.classes[name].request_timeout
         project = classifier.project(ogc, params)
         if project:
             check = classifier.check(project)

@@ -48,8 +48,12 @@ def make(overrides: dict | None = None) -> tuple[Dispatcher, Classifier]:
 
 
 def classify(classifier: Classifier, query: str, **params: str) -> str:
+    """The class as a request gets it: through the cache by query string, asked twice."""
     raw = {b"QUERY_STRING": query.encode(), **{k.encode(): v.encode() for k, v in params.items()}}
-    return classifier.classify(classifier.ogc(raw), raw).name
+    first = classifier.of_query(raw)[1].name
+    assert classifier.of_query(raw)[1].name == first
+    assert classifier.classify(classifier.ogc(raw), raw).name == first
+    return first
 
 
 @pytest.mark.parametrize(
