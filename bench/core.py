@@ -12,9 +12,10 @@ Peers as ``common.make_setups`` sets them up: fcgipool behind nginx's keepalive 
 spawn-fcgi+multiwatch, the children on one shared socket; nginx round-robin over one socket
 per child; Apache with mod_fcgid, Apache itself the web server (no nginx in front). wrk -t1
 -c8 loads each for 4 s per run (12 s for the heavy map, of which a peer answers only
-2-3 a second: shorter runs count too few to rank anyone); runs interleaved case by case, medians of the repeats. After each run the
-children get time to finish what wrk left in flight (``results.settle``: a queued map is
-still rendered when its client has gone), so that it does not land on the next peer's run.
+2-3 a second: shorter runs count too few to rank anyone); runs interleaved case by case,
+medians of the repeats. After each run the children get time to finish what wrk left in
+flight (``results.settle``: a queued map is still rendered when its client has gone), so
+that it does not land on the next peer's run.
 Every set-up is warmed up first, so that each child has loaded both projects.
 
 Metrics: ``req_per_s``, ``p50_ms``, ``p99_ms``, ``errors`` (non-2xx and socket errors).

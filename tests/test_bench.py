@@ -7,6 +7,7 @@ starts, answers without errors, and that every output of the suite is written an
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,17 @@ def test_quick_suite_run_of_the_trivial_child_writes_every_output(tmp_path):
 
     run = (out / "run.txt").read_text()
     assert "a-trivial: ok" in run and "nginx" in run and "qgis-server" in run
+
+
+def test_hotpath_serves_requests_through_the_real_request_path():
+    """bench/hotpath.py drives the pool's real objects with in-memory transports: if a
+    request stopped finding its way through them it would hang (the timeout) or fail."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--requests", "3000",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"pool Python CPU per request: ([\d.]+) µs", done.stdout)
+    assert match, done.stdout
+    assert 0 < float(match.group(1)) < 10_000

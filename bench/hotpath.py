@@ -1,0 +1,155 @@
+"""The pool's own Python cost per request, without sockets or processes: the real
+FrontConnection, Request, Dispatcher, ChildConnection and Pool, on the real event loop, with
+transports that hand the bytes over in memory.
+
+    .venv/bin/python bench/hotpath.py --requests 200000
+    .venv/bin/python bench/hotpath.py --profile        # and where the time goes (cProfile)
+
+A request is what nginx sends for ``GET /x`` (BEGIN_REQUEST with FCGI_KEEP_CONN, nginx's
+fastcgi_params, the end of STDIN); the child answers at once, on the next turn of the loop,
+with a one-line body. One request at a time, on one kept connection each side: the path a
+request takes on a pool that is not saturated (a saturated pool queues the request first).
+The figure is CPU time per request, deterministic to a few per cent where end-to-end runs
+on a shared VM move by ±20 %: it is the interpreter's share of the pool's cost, the part
+code changes can lower; the system calls (about 20 µs a request on this VM, see
+docs/benchmarks.md) come on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fcgipool import config as configuration  # noqa: E402
+from fcgipool import logs, protocol  # noqa: E402
+from fcgipool.child import Child, ChildConnection, State  # noqa: E402
+from fcgipool.cli import _event_loop_runner  # noqa: E402
+from fcgipool.frontend import FrontConnection  # noqa: E402
+from fcgipool.supervisor import Pool  # noqa: E402
+
+NGINX_PARAMS = {
+    "QUERY_STRING": "", "REQUEST_METHOD": "GET", "CONTENT_TYPE": "", "CONTENT_LENGTH": "",
+    "SCRIPT_NAME": "/x", "REQUEST_URI": "/x", "DOCUMENT_URI": "/x",
+    "DOCUMENT_ROOT": "/usr/share/nginx/html", "SERVER_PROTOCOL": "HTTP/1.1",
+    "REQUEST_SCHEME": "http", "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_SOFTWARE": "nginx/1.22.1",
+    "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000", "REMOTE_USER": "",
+    "SERVER_ADDR": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_NAME": "",
+    "REDIRECT_STATUS": "200", "HTTP_HOST": "127.0.0.1:8080", "HTTP_USER_AGENT": "wrk",
+}  # fmt: skip
+REQUEST = protocol.encode_request(
+    1, {k.encode(): v.encode() for k, v in NGINX_PARAMS.items()}, keep_conn=True
+)
+ANSWER = protocol.encode_response(1, 200, b"hello /x\n", (), "text/plain")
+STDIN_END = protocol.encode_record(protocol.RecordType.STDIN, 1)
+
+
+class MemoryTransport:
+    """What a protocol needs of a transport; writes go to ``sink``."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def write(self, data: bytes) -> None:
+        self.sink(data)
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def measure(requests: int, profile: bool) -> float:
+    """CPU seconds per request over ``requests`` requests, on the pool's event loop."""
+    config = configuration.build(
+        None,
+        {"child": {"command": ["/bin/true"], "allow_root": True},
+         "log": {"level": "warning", "file": "/dev/null"}},
+        {},
+    )  # fmt: skip
+    logs.configure(config.log.format, config.log.level, config.log.file)
+    return _event_loop_runner(config.pool.event_loop)(_measure(config, requests, profile))
+
+
+async def _measure(config: configuration.Config, requests: int, profile: bool) -> float:
+    loop = asyncio.get_running_loop()
+    pool = Pool(config)
+    pool.loop = loop
+    child = Child(1, config.child, "/nonexistent")
+    child.pid, child.state = 1, State.IDLE
+    connection = ChildConnection(child)
+
+    def child_receives(data: bytes) -> None:
+        if data.endswith(STDIN_END):  # the whole request is there: answer on the next turn
+            loop.call_soon(connection.data_received, ANSWER)
+
+    connection.connection_made(MemoryTransport(child_receives))
+    child.connection = connection
+    pool.dispatcher.child_idle(child)
+    front = FrontConnection(pool)
+    finished = loop.create_future()
+    done = 0
+
+    def web_server_receives(data: bytes) -> None:
+        nonlocal done
+        if data.endswith(ANSWER[-16:]):  # END_REQUEST: send the next request
+            done += 1
+            if done % 1000 == 0:
+                logs.flush_access()  # the pool does this a few times a second
+            if done < requests:
+                loop.call_soon(front.data_received, REQUEST)
+            elif not finished.done():
+                finished.set_result(None)
+
+    front.connection_made(MemoryTransport(web_server_receives))
+    profiler = cProfile.Profile() if profile else None
+    loop.call_soon(front.data_received, REQUEST)
+    start = time.process_time()
+    if profiler:
+        profiler.enable()
+    await finished
+    if profiler:
+        profiler.disable()
+    used = time.process_time() - start
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return used / requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="once, under cProfile")
+    args = parser.parse_args()
+    if args.profile:
+        measure(args.requests, profile=True)
+        return
+    times = sorted(measure(args.requests, profile=False) for _ in range(args.repeats))
+    print(f"pool Python CPU per request: {times[len(times) // 2] * 1e6:.1f} µs "
+          f"(median of {args.repeats} x {args.requests} requests; "
+          f"min {times[0] * 1e6:.1f}, max {times[-1] * 1e6:.1f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
