@@ -326,12 +326,17 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out
     rows: list[Row] = []
+    earlier: list[str] = []  # run.txt of the runs whose rows are kept, then this run's
     if args.only and (out / "results.csv").exists():
         rows = results.read_csv(out / "results.csv")
+        with contextlib.suppress(OSError):
+            earlier = [*(out / "run.txt").read_text().rstrip("\n").split("\n"), "", "---", ""]
     machine = common.machine()
     command = shlex.join(["bench/suite.py", *(sys.argv[1:] if argv is None else argv)])
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     header = [f"Machine: {machine}.", "", f"Command: `{command}`, started {started}."]
+    if earlier:
+        header[-1] += " The other scenarios' figures come from earlier runs: see run.txt."
     if args.quick:
         header += ["", "**A quick run (--quick): a smoke test, its numbers mean nothing.**"]
     contexts = {
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 1 if failed else 0
     run_txt_head = [
+        *earlier,
         f"command: {command}",
         f"started: {started}",
         f"machine: {machine}",
