@@ -1,11 +1,12 @@
-"""What the benchmarks share: peers behind their own nginx, and wrk or a Python client to
-load them.
+"""What the benchmarks share: the peers, each behind its own web server, and wrk or a Python
+client to load them.
 
-Every set-up runs the same children; each gets its own nginx so that set-ups can stay up side
-by side while runs alternate between them (drift on the machine hits all alike). Set-ups:
-fcgipool, spawn-fcgi (N children on one socket) and nginx round-robin over N single-child
-sockets (the systemd-template set-up). ``run_wrk`` loads one URL; ``run_load`` mixes URLs and
-keeps each answer's latency by kind; ``ForeignCpu`` measures other work on the machine.
+Every set-up runs the same children; each gets its own web server so that set-ups can stay up
+side by side while runs alternate between them (drift on the machine hits all alike). Peers
+(``PEERS``, ``make_setups``): fcgipool, spawn-fcgi+multiwatch (N children on one socket),
+nginx round-robin over N single-child sockets (the systemd-template set-up) and Apache with
+mod_fcgid. ``run_wrk`` loads one URL; ``run_load`` mixes URLs and keeps each answer's latency
+by kind; ``ForeignCpu`` measures other work on the machine.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomlkit
 
 REPO = Path(__file__).resolve().parent.parent
 QGIS = "/usr/lib/cgi-bin/qgis_mapserv.fcgi"
@@ -62,18 +65,6 @@ def wait_http(url: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + "}"
-    return repr(value)
 
 
 class Setup:
@@ -192,13 +183,7 @@ class Fcgipool(Setup):
             else:
                 config.setdefault(section, {}).update(values)
         path = self.root / "pool.toml"
-        text = ""
-        for section, values in config.items():
-            tables = values if isinstance(values, list) else [values]
-            head = f"[[{section}]]" if isinstance(values, list) else f"[{section}]"
-            for table in tables:
-                text += head + "\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items())
-        path.write_text(text)
+        path.write_text(tomlkit.dumps(config))
         env = None
         if self.source is not None:
             env = {**os.environ, "PYTHONPATH": str(self.source)}
@@ -229,15 +214,6 @@ class Fcgipool(Setup):
     def manager_pids(self) -> set[int]:
         alive = self.manager is not None and self.manager.poll() is None
         return {self.manager.pid} if alive else set()
-
-
-def _spawn(
-    socket_path: Path, children: int, pid_file: Path, command: list[str], env: dict[str, str]
-) -> None:
-    pid_file.unlink(missing_ok=True)
-    spawn = ["spawn-fcgi", "-s", str(socket_path), "-M", "0666", "-F", str(children),
-             "-P", str(pid_file), "--", *command]  # fmt: skip
-    subprocess.run(spawn, env=env, stdout=subprocess.DEVNULL, check=True)
 
 
 def _pids(pid_file: Path) -> set[int]:
@@ -305,55 +281,6 @@ def _wait_gone(pids: set[int], timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
-
-
-def _kill(pid_file: Path, socket_path: Path) -> None:
-    """SIGKILL the children spawn-fcgi started (their pids are in its pid file; never a
-    kill by name: other work on the machine may run the same command), then remove the
-    socket once nothing listens on it."""
-    pids = _pids(pid_file)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, 9)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
-    while time.monotonic() < deadline and socket_path.exists():
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(socket_path))
-        except OSError:
-            socket_path.unlink(missing_ok=True)
-            return
-        time.sleep(0.1)
-
-
-class SpawnFcgi(Setup):
-    """spawn-fcgi's usual set-up: N children share one socket; one connection per request
-    (a kept-alive connection would pin one of the children, which share the socket).
-    Nothing watches the children: a child that dies is not replaced."""
-
-    name = "spawn-fcgi"
-
-    def start_manager(self) -> None:
-        _spawn(self.socket, self.workers, self.root / "spawn.pid", self.command, self.env)
-
-    def stop_manager(self) -> None:
-        _kill(self.root / "spawn.pid", self.socket)
-
-    def reload(self) -> None:
-        """No reload in spawn-fcgi: kill the children, spawn new ones."""
-        self.restart_manager()
-
-    def child_pids(self) -> set[int]:
-        return {pid for pid in self.own_pids() if _alive(pid)}
-
-    def manager_pids(self) -> set[int]:
-        return set()  # spawn-fcgi exits once the children are forked
-
-    def own_pids(self) -> set[int]:
-        return _pids(self.root / "spawn.pid")
 
 
 MULTIWATCH = "/usr/bin/multiwatch"
@@ -1021,52 +948,3 @@ class ForeignCpu:
         total = self._busy() - self.busy0
         foreign = max(0, total - mine)  # also counts foreign processes that ended meanwhile
         return total / tick / seconds, foreign / tick / seconds
-
-
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
-
-
-def pool_events(path: Path) -> dict[str, int]:
-    """How many times fcgipool logged each event but access (a JSON log: ``[log] format =
-    "json"``), as "level event"."""
-    import json
-
-    counts: dict[str, int] = {}
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return counts
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            if entry.get("event") == "access":
-                continue
-            key = f"{entry.get('level', '?')} {entry.get('event', '?')}"
-        except (ValueError, AttributeError):
-            key = "unparsed " + line[:60]
-        counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def parse_settings(assignments: list[str]) -> dict[str, dict]:
-    """``["limits.write_buffer=4194304", 'child.keep_conn=false']`` → settings for Fcgipool
-    (each value is TOML)."""
-    import tomllib
-
-    settings: dict[str, dict] = {}
-    for assignment in assignments:
-        name, sep, value = assignment.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not (sep and dot and section and key):
-            raise SystemExit(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
-        settings.setdefault(section, {})[key] = tomllib.loads(f"v = {value}")["v"]
-    return settings
-
-
-def merge_settings(base: dict, extra: dict[str, dict]) -> dict:
-    out = {section: (list(values) if isinstance(values, list) else dict(values))
-           for section, values in base.items()}  # fmt: skip
-    for section, values in extra.items():
-        out.setdefault(section, {}).update(values)
-    return out

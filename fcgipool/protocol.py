@@ -157,13 +157,6 @@ def _decode_pairs_checked(data: bytes) -> dict[bytes, bytes]:
 def encode_params(request_id: int, params: Mapping[bytes, bytes] | bytes) -> bytes:
     """PARAMS records plus the empty one that ends the stream. Raw encoded pairs pass as is."""
     body = params if isinstance(params, bytes | bytearray) else encode_pairs(params.items())
-    length = len(body)
-    if 0 < length <= MAX_CONTENT:  # the usual case, in one piece (it runs per request)
-        pad = -length & 7
-        return b"".join((
-            HEADER.pack(VERSION, RecordType.PARAMS, request_id, length, pad), body,
-            _PADDING[pad], HEADER.pack(VERSION, RecordType.PARAMS, request_id, 0, 0),
-        ))  # fmt: skip
     return encode_stream(RecordType.PARAMS, request_id, bytes(body)) + encode_record(
         RecordType.PARAMS, request_id
     )

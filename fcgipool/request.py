@@ -142,14 +142,14 @@ class Request:
 
     def on_params(self, params: dict[bytes, bytes], raw: bytes) -> None:
         self.params, self.raw_params = params, raw
-        length = params.get(b"CONTENT_LENGTH", b"")
-        if length.isdigit() and int(length) > self.pool.config.limits.max_body_size:
+        declared = params.get(b"CONTENT_LENGTH", b"")
+        length = int(declared) if declared.isdigit() else 0
+        if length > self.pool.config.limits.max_body_size:
             self.respond(413, b"Request body too large\n")
             return
         if (
             params.get(b"REQUEST_METHOD") == b"POST"
-            and length.isdigit()
-            and 0 < int(length) <= _CLASSIFY_BODY_LIMIT
+            and 0 < length <= _CLASSIFY_BODY_LIMIT
             and not self.body_done
         ):
             self._body_head = bytearray()  # an OGC request may be in the body: wait for it

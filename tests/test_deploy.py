@@ -331,11 +331,19 @@ def test_nginx_snippets_and_example_pass_nginx_t(tmp_path):
     assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
 
 
-def test_qgis_through_nginx_with_the_repo_snippets(pool_factory, workdir, servers):
-    admin_port, port = free_port(), free_port()
+def qgis_pool_with_admin(pool_factory, workdir):
+    """A QGIS pool with the HTTP admin listener and the ping/status paths the repo's web
+    server snippets route to; (pool, admin port)."""
+    admin_port = free_port()
     pool = pool_factory(qgis_config(workdir, admin={
         "http": f"tcp:127.0.0.1:{admin_port}", "ping_path": "/fcgipool-ping",
         "status_path": "/fcgipool-status"}))
+    return pool, admin_port
+
+
+def test_qgis_through_nginx_with_the_repo_snippets(pool_factory, workdir, servers):
+    pool, admin_port = qgis_pool_with_admin(pool_factory, workdir)
+    port = free_port()
     directory = workdir / "nginx"
     for name in ("snippets", "conf.d"):
         (directory / name).mkdir(parents=True)
@@ -391,10 +399,8 @@ APACHE_MODULES = ("mpm_event", "authz_core", "authz_host", "setenvif", "headers"
 
 
 def test_qgis_through_apache_with_the_repo_config(pool_factory, workdir, servers):
-    admin_port, port = free_port(), free_port()
-    pool = pool_factory(qgis_config(workdir, admin={
-        "http": f"tcp:127.0.0.1:{admin_port}", "ping_path": "/fcgipool-ping",
-        "status_path": "/fcgipool-status"}))
+    pool, admin_port = qgis_pool_with_admin(pool_factory, workdir)
+    port = free_port()
     directory = workdir / "apache"
     directory.mkdir()
     snippet = directory / "fcgipool.conf"
