@@ -1,8 +1,11 @@
 """What a change to fcgipool bought: the pool of one git revision against another's (or the
-working tree's), side by side on the trivial C child (scenario a's set-up), runs interleaved.
+working tree's), side by side on the trivial C child (scenario a's set-up) or on QGIS
+GetCapabilities (scenario b's), runs interleaved.
 
     .venv/bin/python bench/ab.py c92e87b --repeats 5          # c92e87b vs the working tree
     .venv/bin/python bench/ab.py c92e87b 5b1f0e2 --repeats 5  # one commit's change
+    .venv/bin/python bench/ab.py HEAD --child qgis --spawn    # GetCapabilities, + spawn-fcgi
+    .venv/bin/python bench/ab.py HEAD --floor                 # + bench/floor.py's relay
 
 Each revision is checked out in a temporary git worktree and run from there (PYTHONPATH and
 working directory), with the same configuration, children, nginx and wrk as the working
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import common
+from core import qgis_paths
 from memory import build_hello
 from results import cpu_seconds, interleaved, log, warm
 
@@ -33,6 +37,12 @@ def main() -> None:
     parser.add_argument("revision", nargs="?", help="a git revision (default: the working tree)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duration", type=float, default=6)
+    parser.add_argument("--child", choices=("hello", "qgis"), default="hello",
+                        help="the trivial C child (a) or QGIS GetCapabilities (b)")
+    parser.add_argument("--spawn", action="store_true",
+                        help="spawn-fcgi+multiwatch too, as the reference of scenarios a and b")
+    parser.add_argument("--floor", action="store_true",
+                        help="bench/floor.py too: the least a Python relay costs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fcgipool-ab-"))
     root.chmod(0o755)
@@ -41,24 +51,32 @@ def main() -> None:
         trees[name] = root / f"tree-{len(trees)}"
         subprocess.run(["git", "-C", str(common.REPO), "worktree", "add", "--detach",
                         str(trees[name]), name], check=True, capture_output=True)  # fmt: skip
-    command = [str(build_hello(root))]
-    env = {"PATH": common.SAFE_PATH}
+    if args.child == "qgis":
+        command, env = [common.QGIS], common.qgis_env(root / "home")
+        (root / "home").mkdir()
+        path = qgis_paths()["GetCapabilities"]
+    else:
+        command, env, path = [str(build_hello(root))], {"PATH": common.SAFE_PATH}, "/x"
     new = args.revision or "working tree"
-    setups = {
+    setups: dict[str, common.Setup] = {
         args.baseline: common.Fcgipool(root / "a", WORKERS, command, env,
                                        source=trees[args.baseline]),
         new: common.Fcgipool(root / "b", WORKERS, command, env, source=trees.get(new)),
     }  # fmt: skip
+    if args.floor:
+        setups["floor"] = common.Floor(root / "d", WORKERS, command, env)
+    if args.spawn:
+        setups["spawn-fcgi"] = common.SpawnMultiwatch(root / "c", WORKERS, command, env)
     rates: dict[str, list[float]] = {name: [] for name in setups}
     cpu: dict[str, list[float]] = {name: [] for name in setups}
     try:
         for setup in setups.values():
             setup.start()
-            warm(setup, "/x", WORKERS, CONNECTIONS, 2)
+            warm(setup, path, WORKERS, CONNECTIONS, 2)
         for repeat, name in interleaved(list(setups), args.repeats):
             setup = setups[name]
             before = cpu_seconds(setup.manager_pids())
-            result = common.run_wrk(setup.url("/x"), args.duration, CONNECTIONS)
+            result = common.run_wrk(setup.url(path), args.duration, CONNECTIONS)
             used = cpu_seconds(setup.manager_pids()) - before
             rates[name].append(result.requests_per_s)
             cpu[name].append(used / max(result.requests, 1) * 1e6)
@@ -72,17 +90,21 @@ def main() -> None:
                             str(tree)], check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
     base = args.baseline
+    child = "QGIS GetCapabilities" if args.child == "qgis" else "Trivial C child"
     print(
-        f"Machine: {common.machine()}. Trivial C child, {WORKERS} children, wrk -t1 "
+        f"Machine: {common.machine()}. {child}, {WORKERS} children, wrk -t1 "
         f"-c{CONNECTIONS}, {args.duration:g} s runs, median of {args.repeats}.\n"
     )
-    print("| pool | req/s | ratio | pool CPU µs/request | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    reference = statistics.median(rates["spawn-fcgi"]) if args.spawn else 0.0
+    print("| pool | req/s | ratio | pool CPU µs/request | ratio |"
+          + (" vs spawn-fcgi |" if args.spawn else ""))  # fmt: skip
+    print("|---|---:|---:|---:|---:|" + ("---:|" if args.spawn else ""))
+    base_rate, base_us = statistics.median(rates[base]), statistics.median(cpu[base])
     for name in setups:
         rate, us = statistics.median(rates[name]), statistics.median(cpu[name])
-        base_rate, base_us = statistics.median(rates[base]), statistics.median(cpu[base])
-        print(f"| {name} | {rate:.0f} | {rate / base_rate:.3f} | {us:.1f} | {us / base_us:.3f} |")
-
+        line = f"| {name} | {rate:.0f} | {rate / base_rate:.3f} |"
+        line += " - | - |" if name == "spawn-fcgi" else f" {us:.1f} | {us / base_us:.3f} |"
+        print(line + (f" {rate / reference:.3f} |" if args.spawn else ""))
 
 if __name__ == "__main__":
     main()

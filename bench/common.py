@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -214,6 +215,26 @@ class Fcgipool(Setup):
     def manager_pids(self) -> set[int]:
         alive = self.manager is not None and self.manager.poll() is None
         return {self.manager.pid} if alive else set()
+
+
+class Floor(Fcgipool):
+    """bench/floor.py: the least a Python relay in the data path costs (a reference for
+    bench/ab.py, not a peer), behind nginx's keepalive upstream as fcgipool is; stopped
+    and watched as fcgipool is."""
+
+    name = "floor"
+
+    def start_manager(self) -> None:
+        self.manager = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "floor.py"), str(self.socket),
+             str(self.root / "child.sock"), str(self.workers), json.dumps(self.env),
+             *self.command],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "floor.stderr", "ab"),  # noqa: SIM115
+        )  # fmt: skip
+
+    def reload(self) -> None:
+        raise NotImplementedError("the floor relay has no reload")
 
 
 def _pids(pid_file: Path) -> set[int]:

@@ -81,3 +81,19 @@ def test_hotpath_serves_requests_through_the_real_request_path():
     match = re.search(r"pool Python CPU per request: ([\d.]+) µs", done.stdout)
     assert match, done.stdout
     assert 0 < float(match.group(1)) < 10_000
+
+
+def test_ab_compares_two_pools_and_the_floor_relay():
+    """bench/ab.py runs a revision's pool (in a git worktree), the working tree's and
+    bench/floor.py's relay side by side; each must answer, and the table give each a rate."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ab.py"), "HEAD", "--floor", "--repeats", "1",
+         "--duration", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = dict(re.findall(r"^\| (HEAD|working tree|floor) \| (\d+) \|", done.stdout, re.M))
+    assert set(rows) == {"HEAD", "working tree", "floor"}, done.stdout
+    assert all(int(rate) > 0 for rate in rows.values()), rows
+    errors = re.findall(r"errors (\d+)", done.stderr)
+    assert len(errors) == 3 and set(errors) == {"0"}, done.stderr[-4000:]
