@@ -4,6 +4,8 @@ transports that hand the bytes over in memory.
 
     .venv/bin/python bench/hotpath.py --requests 200000
     .venv/bin/python bench/hotpath.py --profile        # and where the time goes (cProfile)
+    .venv/bin/python bench/hotpath.py --instructions   # instructions per request (valgrind)
+    .venv/bin/python bench/hotpath.py --instructions --without params   # what a part costs
 
 A request is what nginx sends for ``GET /x`` (BEGIN_REQUEST with FCGI_KEEP_CONN, nginx's
 fastcgi_params, the end of STDIN); the child answers at once, on the next turn of the loop,
@@ -13,6 +15,13 @@ The figure is CPU time per request, deterministic to a few per cent where end-to
 on a shared VM move by ±20 %: it is the interpreter's share of the pool's cost, the part
 code changes can lower; the system calls (about 20 µs a request on this VM, see
 docs/benchmarks.md) come on top.
+
+``--instructions`` counts the instructions a request costs instead (valgrind's callgrind:
+the count of a run of 3N requests less that of N, over 2N): exact and repeatable to 0.1 %
+on any machine, so a change of a few per cent shows. ``--without PART`` takes one part's
+cost away, to see what it is: ``params`` (PARAMS decoding: each distinct PARAMS stream is
+decoded once and copied after), ``access`` (the access log, switched off as an operator
+would), ``metrics`` (the per-request counters) or ``status`` (reading the answer's status).
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import argparse
 import asyncio
 import cProfile
 import pstats
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fcgipool import config as configuration  # noqa: E402
-from fcgipool import logs, protocol  # noqa: E402
+from fcgipool import logs, metrics, protocol, request  # noqa: E402
 from fcgipool.child import Child, ChildConnection, State  # noqa: E402
 from fcgipool.cli import _event_loop_runner  # noqa: E402
 from fcgipool.frontend import FrontConnection  # noqa: E402
@@ -79,12 +91,36 @@ class MemoryTransport:
         pass
 
 
-def measure(requests: int, profile: bool) -> float:
+PARTS = ("params", "access", "metrics", "status")
+
+
+def take_away(part: str) -> None:
+    """Make ``part`` of the request path cost (almost) nothing; see the module docstring."""
+    if part == "params":
+        decoded: dict[bytes, dict[bytes, bytes]] = {}
+        decode = protocol.decode_pairs
+
+        def decode_once(data: bytes) -> dict[bytes, bytes]:
+            if data not in decoded:
+                decoded[data] = decode(data)
+            return dict(decoded[data])
+
+        protocol.decode_pairs = decode_once
+    elif part == "metrics":
+        metrics.Metrics.observe = lambda self, *values: None  # type: ignore[method-assign]
+    elif part == "status":
+        request.response_status = lambda head: 200
+        request.stdout_content = lambda records, starts, limit: b""
+
+
+def measure(requests: int, profile: bool, without: tuple[str, ...] = ()) -> float:
     """CPU seconds per request over ``requests`` requests, on the pool's event loop."""
+    for part in without:
+        take_away(part)
     config = configuration.build(
         None,
         {"child": {"command": ["/bin/true"], "allow_root": True},
-         "log": {"level": "warning", "file": "/dev/null"}},
+         "log": {"level": "warning", "file": "/dev/null", "access": "access" not in without}},
         {},
     )  # fmt: skip
     logs.configure(config.log.format, config.log.level, config.log.file)
@@ -141,14 +177,41 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="once, under cProfile")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instructions per request (valgrind); N = --requests, at most 2000")
+    parser.add_argument("--without", action="append", choices=PARTS, default=[],
+                        help="take this part's cost away (repeatable)")
     args = parser.parse_args()
-    if args.profile:
-        measure(args.requests, profile=True)
+    without = tuple(args.without)
+    if args.instructions:
+        requests = min(args.requests, 2000)
+        print(f"pool instructions per request: {instructions(requests, without):,}"
+              + (f" (without {', '.join(without)})" if without else ""))  # fmt: skip
         return
-    times = sorted(measure(args.requests, profile=False) for _ in range(args.repeats))
+    if args.profile:
+        measure(args.requests, profile=True, without=without)
+        return
+    times = sorted(measure(args.requests, profile=False, without=without)
+                   for _ in range(args.repeats))  # fmt: skip
     print(f"pool Python CPU per request: {times[len(times) // 2] * 1e6:.1f} µs "
           f"(median of {args.repeats} x {args.requests} requests; "
           f"min {times[0] * 1e6:.1f}, max {times[-1] * 1e6:.1f})")  # fmt: skip
+
+
+def instructions(requests: int, without: tuple[str, ...]) -> int:
+    """Instructions per request: callgrind's total for 3N requests less that for N, over 2N
+    (start-up and shut-down cancel out)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    totals = []
+    for count in (requests, 3 * requests):
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                   sys.executable, __file__, "--requests", str(count), "--repeats", "1"]
+        for part in without:
+            command += ["--without", part]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        totals.append(int(re.search(r"Collected : (\d+)", done.stderr).group(1)))  # type: ignore[union-attr]
+    return (totals[1] - totals[0]) // (2 * requests)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nginx-light apache2 libapache2-mod-fcgid multiwatch qgis-server spawn-fcgi libfcgi-bin libfcgi-dev wrk systemd python3-venv python3-dev gcc util-linux prometheus chromium)
+packages=(nginx-light apache2 libapache2-mod-fcgid multiwatch qgis-server spawn-fcgi libfcgi-bin libfcgi-dev wrk systemd python3-venv python3-dev gcc util-linux prometheus chromium valgrind)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")

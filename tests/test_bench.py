@@ -83,6 +83,38 @@ def test_hotpath_serves_requests_through_the_real_request_path():
     assert 0 < float(match.group(1)) < 10_000
 
 
+def test_hotpath_runs_with_every_part_taken_away():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--requests", "2000",
+         "--repeats", "1", "--without", "params", "--without", "access", "--without",
+         "metrics", "--without", "status"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"pool Python CPU per request: [\d.]+ µs", done.stdout), done.stdout
+
+
+def test_hotpath_counts_instructions_and_what_params_decoding_costs():
+    """--instructions counts under valgrind, exactly; without PARAMS decoding (about a
+    fifth of the cost) the count must drop: a count that failed, or a part that was not
+    taken away, would show."""
+
+    def count(*without: str) -> int:
+        command = [sys.executable, str(REPO / "bench" / "hotpath.py"), "--instructions",
+                   "--requests", "200"]  # fmt: skip
+        for name in without:
+            command += ["--without", name]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+        match = re.search(r"pool instructions per request: ([\d,]+)", done.stdout)
+        assert match, done.stdout
+        return int(match.group(1).replace(",", ""))
+
+    whole = count()
+    assert 10_000 < whole < 10_000_000
+    assert count("params") < 0.95 * whole
+
+
 def test_ab_compares_two_pools_and_the_floor_relay():
     """bench/ab.py runs a revision's pool (in a git worktree), the working tree's and
     bench/floor.py's relay side by side; each must answer, and the table give each a rate."""
