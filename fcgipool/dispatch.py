@@ -80,6 +80,10 @@ class Dispatcher:
                 self.classes["default"].waiting.extend(queue.waiting)
                 self.classes["default"].running += queue.running
         self.by_priority = sorted(self.classes.values(), key=lambda q: -q.priority)
+        # No class limit, reservation or client limit: any idle child may take any request.
+        self.unlimited = not self.max_per_client and not any(
+            queue.max_children or queue.reserved for queue in self.classes.values()
+        )
 
     @property
     def waiting(self) -> int:
@@ -91,7 +95,7 @@ class Dispatcher:
         """Start ``request`` on an idle child, else queue it. ``first`` puts a request that
         is being retried at the head of its queue, past the bound: it was admitted before."""
         queue = self.classes[request.request_class]
-        if self.idle and self._may_start(queue, request):
+        if self.idle and (self.unlimited or self._may_start(queue, request)):
             self._start(queue, request)
             return
         if not first and len(queue.waiting) >= queue.max_waiting:

@@ -238,8 +238,8 @@ class Pool:
                 request.project,
                 request.request_class,
                 request.served_by or None,
-                round(wait * 1000, 2),
-                round(duration * 1000, 2),
+                wait * 1000,
+                duration * 1000,
                 status,
                 request.bytes_out,
             ))  # fmt: skip

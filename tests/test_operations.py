@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import APPS, busy_request, fault_config, free_port, wait_for
-from fcgipool import client, protocol
+from fcgipool import client, logs, protocol
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -254,3 +254,25 @@ def test_child_output_flood_is_rate_limited(pool_factory, workdir):
     os.kill(pool.pid, signal.SIGTERM)
     assert pool.process.wait(30) == 0
     assert "child_output_suppressed" in pool.log()
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_access_line_has_every_field_and_milliseconds_with_two_decimals(tmp_path, fmt):
+    path = tmp_path / "pool.log"
+    logs.configure(fmt, "info", str(path))
+    try:
+        logs.access(("7", "10.0.0.1", "GET", "/ows?a='b'", "demo", "light", 1234, 0.123456,
+                     12.5, 200, 5120))  # fmt: skip
+        logs.flush_access()
+    finally:
+        logs.configure("console", "info", "")
+    (line,) = path.read_text().splitlines()
+    if fmt == "json":
+        entry = json.loads(line)
+        assert entry["event"] == "access"
+        assert entry["wait_ms"] == 0.12 and entry["ms"] == 12.5
+        assert entry["uri"] == "/ows?a='b'" and entry["pid"] == 1234 and entry["bytes"] == 5120
+    else:
+        assert "event='access'" in line
+        assert " wait_ms=0.12 ms=12.50 status=200 bytes=5120" in line
+        assert """uri="/ows?a='b'" project='demo' request_class='light' pid=1234""" in line
