@@ -156,10 +156,8 @@ def _decode_pairs_checked(data: bytes) -> dict[bytes, bytes]:
 
 def encode_params(request_id: int, params: Mapping[bytes, bytes] | bytes) -> bytes:
     """PARAMS records plus the empty one that ends the stream. Raw encoded pairs pass as is."""
-    body = params if isinstance(params, bytes | bytearray) else encode_pairs(params.items())
-    return encode_stream(RecordType.PARAMS, request_id, bytes(body)) + encode_record(
-        RecordType.PARAMS, request_id
-    )
+    body = params if isinstance(params, (bytes, bytearray)) else encode_pairs(params.items())
+    return encode_stream(_PARAMS, request_id, bytes(body)) + encode_record(_PARAMS, request_id)
 
 
 def encode_begin_request(
