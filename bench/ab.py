@@ -6,12 +6,14 @@ GetCapabilities (scenario b's), runs interleaved.
     .venv/bin/python bench/ab.py c92e87b 5b1f0e2 --repeats 5  # one commit's change
     .venv/bin/python bench/ab.py HEAD --child qgis --spawn    # GetCapabilities, + spawn-fcgi
     .venv/bin/python bench/ab.py HEAD --floor                 # + bench/floor.py's relay
+    .venv/bin/python bench/ab.py HEAD --setting log.access=false   # a setting's cost
+    .venv/bin/python bench/ab.py HEAD /tmp/compiled           # a source tree (e.g. mypyc-built)
 
 Each revision is checked out in a temporary git worktree and run from there (PYTHONPATH and
-working directory), with the same configuration, children, nginx and wrk as the working
-tree's pool. Reports requests/s and the pool's CPU time per request, medians of the repeats,
-and the ratio of each to the baseline's. docs/benchmarks.md records what each hot-path change
-bought with this script.
+working directory); a directory is run as it is. Both pools get the same configuration
+(``--setting`` changes the second's), children, nginx and wrk. Reports requests/s and the
+pool's CPU time per request, medians of the repeats, and the ratio of each to the
+baseline's. docs/benchmarks.md records what each hot-path change bought with this script.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import common
+import tomlkit
 from core import qgis_paths
 from memory import build_hello
 from results import cpu_seconds, interleaved, log, warm
@@ -33,8 +36,12 @@ WORKERS, CONNECTIONS = 2, 8
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("baseline", help="a git revision: the pool to compare with")
-    parser.add_argument("revision", nargs="?", help="a git revision (default: the working tree)")
+    parser.add_argument("baseline", help="a git revision or a source directory: the pool to "
+                        "compare with")
+    parser.add_argument("revision", nargs="?",
+                        help="a git revision or a source directory (default: the working tree)")
+    parser.add_argument("--setting", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="for the second pool only, a TOML value, e.g. log.access=false")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--duration", type=float, default=6)
     parser.add_argument("--child", choices=("hello", "qgis"), default="hello",
@@ -46,9 +53,14 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fcgipool-ab-"))
     root.chmod(0o755)
-    trees = {}
+    trees: dict[str, Path] = {}
+    worktrees: list[Path] = []
     for name in filter(None, (args.baseline, args.revision)):
+        if Path(name).is_dir():
+            trees[name] = Path(name).resolve()
+            continue
         trees[name] = root / f"tree-{len(trees)}"
+        worktrees.append(trees[name])
         subprocess.run(["git", "-C", str(common.REPO), "worktree", "add", "--detach",
                         str(trees[name]), name], check=True, capture_output=True)  # fmt: skip
     if args.child == "qgis":
@@ -61,7 +73,8 @@ def main() -> None:
     setups: dict[str, common.Setup] = {
         args.baseline: common.Fcgipool(root / "a", WORKERS, command, env,
                                        source=trees[args.baseline]),
-        new: common.Fcgipool(root / "b", WORKERS, command, env, source=trees.get(new)),
+        new: common.Fcgipool(root / "b", WORKERS, command, env, source=trees.get(new),
+                             settings=settings(args.setting)),
     }  # fmt: skip
     if args.floor:
         setups["floor"] = common.Floor(root / "d", WORKERS, command, env)
@@ -85,7 +98,7 @@ def main() -> None:
     finally:
         for setup in setups.values():
             setup.stop()
-        for tree in trees.values():
+        for tree in worktrees:
             subprocess.run(["git", "-C", str(common.REPO), "worktree", "remove", "--force",
                             str(tree)], check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(root, ignore_errors=True)
@@ -105,6 +118,18 @@ def main() -> None:
         line = f"| {name} | {rate:.0f} | {rate / base_rate:.3f} |"
         line += " - | - |" if name == "spawn-fcgi" else f" {us:.1f} | {us / base_us:.3f} |"
         print(line + (f" {rate / reference:.3f} |" if args.spawn else ""))
+
+def settings(assignments: list[str]) -> dict[str, dict]:
+    """``["log.access=false"]`` → ``{"log": {"access": False}}``; values are TOML."""
+    out: dict[str, dict] = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not (section and name and value):
+            raise SystemExit(f"--setting {assignment!r}: expected SECTION.KEY=VALUE")
+        out.setdefault(section, {})[name] = tomlkit.parse(f"v = {value}").unwrap()["v"]
+    return out
+
 
 if __name__ == "__main__":
     main()

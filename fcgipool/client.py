@@ -64,7 +64,7 @@ def connect(address: str | Address, timeout: float | None = 30.0) -> socket.sock
     addr = address if isinstance(address, Address) else Address.parse(address)
     if addr.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: object = addr.path
+        target: str | tuple[str, int] = addr.path
     else:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -152,7 +152,8 @@ def request(
         buffered = bytearray()
         stderr = bytearray()
         end: EndRequest | None = None
-        status, headers = 0, {}
+        status = 0
+        headers: dict[str, str] = {}
         for event in iter_response(sock):
             if isinstance(event, Stdout):
                 if head is None:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -83,7 +83,7 @@ class _AccessLog:
         """One request's values, in the order of ACCESS_FIELDS; wait_ms and ms unrounded (the
         console line formats them with two decimals, which costs less than round())."""
         if self.json:
-            entry = {"timestamp": self._timestamp(), "event": "access"}
+            entry: dict[str, Any] = {"timestamp": self._timestamp(), "event": "access"}
             entry.update(zip(ACCESS_FIELDS, values, strict=True))
             for name in _MILLISECONDS:
                 entry[name] = round(entry[name], 2)
@@ -112,7 +112,7 @@ def configure(fmt: str = "console", level: str = "info", path: str = "") -> None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_output),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _output)),
         cache_logger_on_first_use=False,
     )
     _access_log.json = fmt == "json"

@@ -317,6 +317,7 @@ class Request:
             resendable = not self.response_started
         same_child = child is not None and child.state is ChildState.BUSY
         if resendable and self._reused and not self._replayed and same_child:
+            assert child is not None
             self._replayed = True
             self._connect_later(child)
             return

@@ -116,16 +116,32 @@ def test_hotpath_counts_instructions_and_what_params_decoding_costs():
 
 
 def test_ab_compares_two_pools_and_the_floor_relay():
-    """bench/ab.py runs a revision's pool (in a git worktree), the working tree's and
-    bench/floor.py's relay side by side; each must answer, and the table give each a rate."""
+    """bench/ab.py runs a revision's pool (in a git worktree), a source directory's pool
+    with a setting changed, and bench/floor.py's relay side by side; each must answer, and
+    the table give each a rate."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "ab.py"), "HEAD", "--floor", "--repeats", "1",
-         "--duration", "1"],
+        [sys.executable, str(REPO / "bench" / "ab.py"), "HEAD", str(REPO), "--setting",
+         "log.access=false", "--floor", "--repeats", "1", "--duration", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = dict(re.findall(r"^\| (HEAD|working tree|floor) \| (\d+) \|", done.stdout, re.M))
-    assert set(rows) == {"HEAD", "working tree", "floor"}, done.stdout
+    names = f"HEAD|{re.escape(str(REPO))}|floor"
+    rows = dict(re.findall(rf"^\| ({names}) \| (\d+) \|", done.stdout, re.M))
+    assert set(rows) == {"HEAD", str(REPO), "floor"}, done.stdout
     assert all(int(rate) > 0 for rate in rows.values()), rows
     errors = re.findall(r"errors (\d+)", done.stderr)
     assert len(errors) == 3 and set(errors) == {"0"}, done.stderr[-4000:]
+
+
+def test_ab_settings_are_toml_values_for_a_section_key():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import ab
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert ab.settings(["log.access=false", "limits.max_waiting=10", 'log.format="json"']) == {
+        "log": {"access": False, "format": "json"},
+        "limits": {"max_waiting": 10},
+    }
+    with pytest.raises(SystemExit, match=r"expected SECTION\.KEY=VALUE"):
+        ab.settings(["access=false"])
