@@ -17,11 +17,12 @@ code changes can lower; the system calls (about 20 µs a request on this VM, see
 docs/benchmarks.md) come on top.
 
 ``--instructions`` counts the instructions a request costs instead (valgrind's callgrind:
-the count of a run of 3N requests less that of N, over 2N): exact and repeatable to 0.1 %
-on any machine, so a change of a few per cent shows. ``--without PART`` takes one part's
-cost away, to see what it is: ``params`` (PARAMS decoding: each distinct PARAMS stream is
-decoded once and copied after), ``access`` (the access log, switched off as an operator
-would), ``metrics`` (the per-request counters) or ``status`` (reading the answer's status).
+the count of a run of 3N requests less that of N, over 2N): repeatable to about 0.5 % (hash
+randomisation moves it a little) on any machine, so a change of a few per cent shows.
+``--without PART`` takes one part's cost away, to see what it is: ``params`` (PARAMS
+decoding: each distinct PARAMS stream is decoded once and copied after), ``access`` (the
+access log, switched off as an operator would), ``metrics`` (the per-request counters) or
+``status`` (reading the answer's status).
 """
 
 from __future__ import annotations
