@@ -29,7 +29,7 @@ import common
 import tomlkit
 from core import qgis_paths
 from memory import build_hello
-from results import cpu_seconds, interleaved, log, warm
+from results import interleaved, log, warm, wrk_with_cpu
 
 WORKERS, CONNECTIONS = 2, 8
 
@@ -88,11 +88,10 @@ def main() -> None:
             warm(setup, path, WORKERS, CONNECTIONS, 2)
         for repeat, name in interleaved(list(setups), args.repeats):
             setup = setups[name]
-            before = cpu_seconds(setup.manager_pids())
-            result = common.run_wrk(setup.url(path), args.duration, CONNECTIONS)
-            used = cpu_seconds(setup.manager_pids()) - before
+            result, used = wrk_with_cpu(setup.url(path), args.duration, CONNECTIONS,
+                                        setup.manager_pids())  # fmt: skip
             rates[name].append(result.requests_per_s)
-            cpu[name].append(used / max(result.requests, 1) * 1e6)
+            cpu[name].append(used)
             log(f"{repeat + 1}/{args.repeats} {name:<14} {result.requests_per_s:8.0f} req/s "
                 f"{cpu[name][-1]:6.1f} µs/request errors {result.errors}")  # fmt: skip
     finally:

@@ -251,6 +251,17 @@ def running(setups: Iterable) -> Iterator[None]:
                 log(f"stopping {setup.name}: {error!r}")
 
 
+def wrk_with_cpu(url: str, seconds: float, connections: int, pids: set[int]) -> tuple[Any, float]:
+    """wrk on ``url``, and the CPU time ``pids`` used meanwhile per request counted, in µs
+    (0 without pids)."""
+    import common
+
+    before = cpu_seconds(pids)
+    result = common.run_wrk(url, seconds, connections)
+    used = cpu_seconds(pids) - before if pids else 0.0
+    return result, used / max(result.requests, 1) * 1e6
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User + system CPU time these processes have used so far (those gone count 0)."""
     total = 0.0

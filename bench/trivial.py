@@ -22,7 +22,6 @@ from memory import build_hello
 from results import (
     Context,
     Row,
-    cpu_seconds,
     interleaved,
     log,
     metric_rows,
@@ -30,6 +29,7 @@ from results import (
     running,
     warm,
     wrk_metrics,
+    wrk_with_cpu,
 )
 
 KEY = "a"
@@ -60,12 +60,10 @@ def run(ctx: Context) -> list[Row]:
             warm(setup, "/x", WORKERS, CONNECTIONS, 1 if ctx.quick else 2)
         for repeat, (peer, setup) in interleaved(named, ctx.repeats):
             pool = setup.manager_pids() if peer == "fcgipool" else set()
-            before = cpu_seconds(pool)
-            result = common.run_wrk(setup.url("/x"), ctx.duration(SECONDS), CONNECTIONS)
+            result, used = wrk_with_cpu(setup.url("/x"), ctx.duration(SECONDS), CONNECTIONS, pool)
             metrics = wrk_metrics(result)
             if pool:
-                used = cpu_seconds(pool) - before
-                metrics["cpu_us_per_request"] = used / max(result.requests, 1) * 1e6
+                metrics["cpu_us_per_request"] = used
             rows += metric_rows(NAME, "hello", peer, repeat, metrics)
             cpu = metrics.get("cpu_us_per_request")
             log(f"{NAME} {repeat + 1}/{ctx.repeats} {peer:<22} {result.requests_per_s:8.0f}"

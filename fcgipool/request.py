@@ -315,9 +315,13 @@ class Request:
             resendable = sent is not None
         else:  # never attached: the whole request is still pending
             resendable = not self.response_started
-        same_child = child is not None and child.state is ChildState.BUSY
-        if resendable and self._reused and not self._replayed and same_child:
-            assert child is not None
+        if (
+            resendable
+            and self._reused
+            and not self._replayed
+            and child is not None
+            and child.state is ChildState.BUSY  # still ours: replay on the same child
+        ):
             self._replayed = True
             self._connect_later(child)
             return

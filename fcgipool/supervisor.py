@@ -234,7 +234,7 @@ class Pool:
                 request_id.decode("latin-1") if request_id else str(self.requests_served),
                 get(b"REMOTE_ADDR", b"").decode("latin-1"),
                 get(b"REQUEST_METHOD", b"").decode("latin-1"),
-                get(b"REQUEST_URI", b"").decode("latin-1"),
+                request.uri,
                 request.project,
                 request.request_class,
                 request.served_by or None,
