@@ -41,11 +41,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fcgipool import accounting, logs, protocol, request  # noqa: E402
 from fcgipool import config as configuration  # noqa: E402
-from fcgipool import logs, metrics, protocol, request  # noqa: E402
 from fcgipool.child import Child, ChildConnection, State  # noqa: E402
 from fcgipool.cli import _event_loop_runner  # noqa: E402
-from fcgipool.frontend import FrontConnection  # noqa: E402
 from fcgipool.supervisor import Pool  # noqa: E402
 
 NGINX_PARAMS = {
@@ -108,7 +107,7 @@ def take_away(part: str) -> None:
 
         protocol.decode_pairs = decode_once
     elif part == "metrics":
-        metrics.Metrics.observe = lambda self, *values: None  # type: ignore[method-assign]
+        accounting.Accounting.observe = lambda self, *values: None  # type: ignore[method-assign]
     elif part == "status":
         request.response_status = lambda head: 200
         request.stdout_content = lambda records, starts, limit: b""
@@ -128,13 +127,16 @@ def measure(requests: int, profile: bool, without: tuple[str, ...] = ()) -> floa
     return _event_loop_runner(config.pool.event_loop)(_measure(config, requests, profile))
 
 
+class NoProcesses:
+    """The one child below is made by hand: nothing is spawned."""
+
+
 async def _measure(config: configuration.Config, requests: int, profile: bool) -> float:
     loop = asyncio.get_running_loop()
-    pool = Pool(config)
-    pool.loop = loop
-    child = Child(1, config.child, "/nonexistent")
+    pool = Pool(config, loop=loop, processes=NoProcesses())  # type: ignore[arg-type]
+    child = Child(1, [], loop.time())
     child.pid, child.state = 1, State.IDLE
-    connection = ChildConnection(child)
+    connection = ChildConnection(child, lambda child: None, loop.time)
 
     def child_receives(data: bytes) -> None:
         if data.endswith(STDIN_END):  # the whole request is there: answer on the next turn
@@ -142,8 +144,9 @@ async def _measure(config: configuration.Config, requests: int, profile: bool) -
 
     connection.connection_made(MemoryTransport(child_receives))
     child.connection = connection
+    pool.children.all.append(child)
     pool.dispatcher.child_idle(child)
-    front = FrontConnection(pool)
+    front = pool.frontend.connection()
     finished = loop.create_future()
     done = 0
 

@@ -1,9 +1,7 @@
 """What operators talk to: the control socket (`fcgipool status|reload|scale|stop`) and the
 optional HTTP listener (/metrics, /healthz, /readyz, /status). Both run on the pool's loop:
 no thread, so nothing here may block for long (psutil reads are per child, on demand).
-
-The status document (``snapshot``) is a public contract, documented in docs/status.md:
-fields are added, never renamed or removed.
+They act through :class:`Controls`, which the supervisor is.
 """
 
 from __future__ import annotations
@@ -14,77 +12,27 @@ import html
 import json
 import os
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h11
 
-from . import __version__, logs
-from .child import State
-
-if TYPE_CHECKING:
-    from .supervisor import Pool
+from . import logs
+from .status import PoolView, snapshot
 
 log = logs.get("fcgipool.admin")
 
-STATUS_VERSION = 1
 _MAX_COMMAND = 4096
 
 
-def snapshot(pool: Pool) -> dict[str, Any]:
-    """The pool and one row per child, as `fcgipool status --json` prints it."""
-    now = time.monotonic()
-    counts = {state.value: 0 for state in State if state is not State.DEAD}
-    rows = []
-    for child in pool.children:
-        if child.state is State.DEAD:
-            continue
-        counts[child.state.value] += 1
-        request = child.request
-        rows.append(
-            {
-                "pid": child.pid,
-                "state": child.state.value,
-                "requests": child.requests_served,
-                "request": None
-                if request is None
-                else {
-                    "method": request.params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
-                    "uri": request.uri,
-                    "elapsed": round(now - (request.started or now), 3),
-                },
-                "rss": child.rss(),
-                "cpu_percent": child.cpu_percent(),
-                "age": round(now - child.started_at, 3),
-                "retiring": child.retiring or None,
-                "projects": list(child.projects),
-            }
-        )
-    return {
-        "version": STATUS_VERSION,
-        "pool": {
-            "pid": os.getpid(),
-            "fcgipool": __version__,
-            "uptime": round(pool.uptime(), 3),
-            "generation": pool.reloads,
-            "config_file": pool.config_path,
-            "workers": pool.config.pool.workers,
-            "children": counts,
-            "queue_length": pool.dispatcher.waiting,
-            "classes": {
-                queue.name: {"waiting": len(queue.waiting), "running": queue.running}
-                for queue in pool.dispatcher.by_priority
-            },
-            "max_waiting": pool.config.limits.max_waiting,
-            "connections": len(pool.connections),
-            "requests_served": pool.requests_served,
-            "failure_pressure": round(pool.failure_pressure(), 4),
-            "max_failure_pressure": pool.config.pool.max_failure_pressure,
-            "stopping": pool.stopping,
-            "ready": pool.ready(),
-        },
-        "children": rows,
-    }
+class Controls(PoolView, Protocol):
+    """The verbs operators have, besides what they can read."""
+
+    def reload(self) -> str:
+        """Re-read the config and replace every child; why not, or an empty string."""
+
+    def scale(self, workers: int) -> str: ...
+    def stop(self, fast: bool) -> None: ...
+    def metrics(self) -> bytes: ...
 
 
 # ---------------------------------------------------------------- control socket
@@ -93,7 +41,7 @@ def snapshot(pool: Pool) -> dict[str, Any]:
 class ControlServer:
     """A unix socket of mode 0600: one JSON command per connection, one JSON answer."""
 
-    def __init__(self, pool: Pool, path: str) -> None:
+    def __init__(self, pool: Controls, path: str) -> None:
         self.pool, self.path = pool, path
         self.server: asyncio.AbstractServer | None = None
 
@@ -145,7 +93,7 @@ class ControlServer:
         if name == "status":
             return {"ok": True, "status": snapshot(pool)}
         if name == "reload":
-            problem = pool.handle_hup()
+            problem = pool.reload()
             return {"ok": False, "error": problem} if problem else {"ok": True}
         if name == "scale":
             workers = command.get("workers")
@@ -154,9 +102,7 @@ class ControlServer:
             problem = pool.scale(workers)
             return {"ok": False, "error": problem} if problem else {"ok": True, "workers": workers}
         if name == "stop":
-            asyncio.get_running_loop().call_soon(
-                pool.handle_quit if command.get("fast") else pool.handle_term
-            )
+            asyncio.get_running_loop().call_soon(pool.stop, bool(command.get("fast")))
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {name!r}"}
 
@@ -167,7 +113,7 @@ class ControlServer:
 class HttpAdmin(asyncio.Protocol):
     """HTTP/1.1 for a few GET routes, parsed by h11; one request per connection."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Controls) -> None:
         self.pool = pool
         self.connection = h11.Connection(h11.SERVER)
         self.transport: asyncio.Transport | None = None
@@ -207,13 +153,13 @@ class HttpAdmin(asyncio.Protocol):
         self.transport.close()
 
 
-def route(pool: Pool, method: str, path: str) -> tuple[int, str, bytes]:
+def route(pool: Controls, method: str, path: str) -> tuple[int, str, bytes]:
     if method not in ("GET", "HEAD"):
         return 405, "text/plain", b"method not allowed\n"
     if path == "/metrics":
         from .metrics import CONTENT_TYPE
 
-        return 200, CONTENT_TYPE, pool.metrics.render()
+        return 200, CONTENT_TYPE, pool.metrics()
     if path == "/healthz":
         return 200, "text/plain", b"ok\n"
     if path == "/readyz":

@@ -115,15 +115,21 @@ def serve(
     overrides = _overrides(bind, workers, timeout, control, env, command, http, wsgi, log_format)
     cfg = _load(config_path, overrides, os.geteuid())
     logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
-    from .supervisor import Pool
-
     runner = _event_loop_runner(cfg.pool.event_loop)
     try:
-        code = runner(Pool(cfg, config_path, overrides).run())
+        code = runner(_run_pool(cfg, config_path, overrides))
     except OSError as error:
         logs.get("fcgipool").error("startup_failed", error=str(error))
         sys.exit(1)
     sys.exit(code)
+
+
+async def _run_pool(
+    cfg: config_module.Config, config_path: str | None, overrides: dict[str, Any]
+) -> int:
+    from .supervisor import Pool
+
+    return await Pool(cfg, config_path, overrides, loop=asyncio.get_running_loop()).run()
 
 
 def _event_loop_runner(choice: str) -> Any:

@@ -15,8 +15,8 @@ project cache is warm), else the one whose remembered projects are least in dema
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import logs
@@ -49,12 +49,11 @@ class ClassQueue:
         self.request_timeout = spec.request_timeout or config.timeouts.request
         self.waiting: deque[Request] = deque()
         self.running = 0
-        self.rejected = 0
-        self.expired = 0
 
 
 class Dispatcher:
-    def __init__(self, config: Config, rules: list[Rule]) -> None:
+    def __init__(self, config: Config, rules: list[Rule], clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.idle: list[Child] = []  # a stack: the child used last is warmest
         self.classes: dict[str, ClassQueue] = {}
         self.by_priority: list[ClassQueue] = []
@@ -66,6 +65,7 @@ class Dispatcher:
         """(Re)build the classes; waiting requests and counts of kept classes stay."""
         self.limits = config.limits
         self.memory = config.projects.memory
+        self.pinned = config.projects.pinned
         self.max_per_client = config.limits.max_per_client
         self.client_param = config.limits.client_param.encode("latin-1")
         old = self.classes
@@ -99,11 +99,10 @@ class Dispatcher:
             self._start(queue, request)
             return
         if not first and len(queue.waiting) >= queue.max_waiting:
-            queue.rejected += 1
             log.warning("queue_full", request_class=queue.name, uri=request.uri)
             self._unavailable(request, b"All children are busy and the queue is full\n")
             return
-        request.queued_at = time.monotonic()
+        request.queued_at = self.clock()
         if first:
             queue.waiting.appendleft(request)
         else:
@@ -130,6 +129,11 @@ class Dispatcher:
             queue.waiting.remove(request)
 
     # ------------------------------------------------------------------ children
+
+    def child_ready(self, child: Child) -> None:
+        """A new child is ready: it holds the pinned projects (its warm-up loaded them)."""
+        for project in self.pinned:
+            remember(child.projects, project, max(1, self.memory))
 
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the best waiting request that may start, else keep it."""
@@ -183,7 +187,7 @@ class Dispatcher:
             # it holds, if one waits near the head and the head has not waited long.
             remembered = self.idle[0].projects
             if head.project not in remembered and (
-                time.monotonic() - head.queued_at < AFFINITY_MAX_WAIT
+                self.clock() - head.queued_at < AFFINITY_MAX_WAIT
             ):
                 for request in itertools.islice(queue.waiting, 1, AFFINITY_LOOKAHEAD):
                     if request.project in remembered and self._may_start(queue, request):
@@ -231,7 +235,6 @@ class Dispatcher:
             limit = now - queue.queue_timeout
             while queue.waiting and queue.waiting[0].queued_at < limit:
                 request = queue.waiting.popleft()
-                queue.expired += 1
                 log.warning("queue_timeout", request_class=queue.name, uri=request.uri)
                 self._unavailable(request, b"No child became free in time\n")
 

@@ -1,24 +1,20 @@
-"""The pool socket: accept the web server's connections, decode them, enforce limits.
+"""The pool socket's side: the web server's connections, decoded, within limits.
 
 A malformed record, a PARAMS stream that is too large or a connection that stalls in the
 middle of a request closes that one connection, with a log line; everyone else is served.
+FCGI_GET_VALUES is answered here, and so are admin.ping_path and admin.status_path (like
+php-fpm's ping.path and pm.status_path), even when every child is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import grp
 import json
-import os
-import pwd
-import socket
-import stat
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from . import logs
-from .admin import snapshot
-from .config import Address
+from .config import Config
 from .protocol import (
     AbortRequest,
     BeginRequest,
@@ -30,88 +26,148 @@ from .protocol import (
     ServerConnection,
     Stdin,
     UnknownManagementType,
-    encode_end_request,
     encode_get_values_result,
     encode_unknown_type,
 )
-from .request import Request
-
-if TYPE_CHECKING:
-    from .supervisor import Pool
+from .request import Context, Request
 
 log = logs.get("fcgipool.frontend")
+
+FRESH = 1.0  # seconds a new connection counts as about to send its first request
+
+
+class Frontend:
+    """Every front-end connection, and what they share: the limits, whether requests are
+    still taken, what requests need of the pool."""
+
+    def __init__(
+        self,
+        config: Config,
+        context: Context,
+        status_document: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.context = context
+        self.status_document = status_document
+        self.connections: set[FrontConnection] = set()
+        self.accepting = True  # new requests are taken (false once a stop's drain ended)
+        self.draining = False  # stopping: connections close once they are idle
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.limits = config.limits
+        self.ping_path = config.admin.ping_path
+        self.status_path = config.admin.status_path
+        limit = str(config.limits.max_connections).encode()
+        self.values = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
+
+    def connection(self) -> FrontConnection:
+        """The protocol factory of the pool's listening sockets."""
+        return FrontConnection(self)
+
+    def get_values(self, names: Iterable[bytes]) -> dict[bytes, bytes]:
+        return {name: self.values[name] for name in names if name in self.values}
+
+    def sweep(self, now: float) -> None:
+        """Close connections that stall in the middle of sending a request."""
+        read_timeout = self.limits.read_timeout
+        for connection in list(self.connections):
+            if connection.stalled_since(now) > read_timeout:
+                connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
+
+    def drain(self, now: float) -> bool:
+        """Close the idle connections; True while some still have work (a request in
+        flight, or a first request on its way)."""
+        self.draining = True
+        busy = False
+        for connection in list(self.connections):
+            if connection.requests or connection.fresh(now):
+                busy = True
+            else:
+                connection.close_idle()
+        return busy
+
+    def close_all(self, reason: str) -> None:
+        """Abort the connections with requests in flight, close the others."""
+        for connection in list(self.connections):
+            if connection.requests:
+                connection.abort(reason)
+            else:
+                connection.close_idle()
 
 
 class FrontConnection(asyncio.Protocol):
     """One connection from the web server; may carry several requests (keep-conn, mux)."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.codec = ServerConnection(pool.config.limits.max_params_size)
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.clock = frontend.context.loop.time
+        self.codec = ServerConnection(frontend.limits.max_params_size)
         self.transport: asyncio.Transport | None = None
         self.requests: dict[int, Request] = {}
         self.reading_held_by: set[Request] = set()
         self.write_paused = False
         self.closed = False
-        self.last_data = self.connected_at = time.monotonic()
+        self.closing = False  # close once no request is left and nothing is half-sent
+        self.last_data = self.connected_at = self.clock()
         self.started = 0  # requests begun on this connection
         self.peer = ""
 
     # ------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        limits = self.pool.config.limits
-        if len(self.pool.connections) >= limits.max_connections:
+        frontend = self.frontend
+        limits = frontend.limits
+        if len(frontend.connections) >= limits.max_connections:
             log.warning("connection_refused", reason="max_connections", peer=self.peer)
             self.closed = True
-            transport.abort()
+            self.transport.abort()
             return
         high = limits.write_buffer
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.pool.connections.add(self)
+        frontend.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last_data = time.monotonic()
+        self.last_data = self.clock()
         try:
             events = self.codec.feed(data)
         except ProtocolError as error:
             self.abort(f"protocol error: {error}")
             return
         for event in events:
-            kind = type(event)
-            if kind is Stdin:
+            if isinstance(event, Stdin):
                 request = self.requests.get(event.request_id)
                 if request is not None:
                     request.on_stdin(event.data)
-            elif kind is BeginRequest:
+            elif isinstance(event, BeginRequest):
                 self._begin(event)
-            elif kind is Params:
+            elif isinstance(event, Params):
                 request = self.requests.get(event.request_id)
                 if request is not None and not self._answer_locally(request, event.params):
                     request.on_params(event.params, event.raw)
-            elif kind is AbortRequest:
+            elif isinstance(event, AbortRequest):
                 request = self.requests.get(event.request_id)
                 if request is not None:
-                    self.write(encode_end_request(event.request_id, 1))
-                    request.cancel()
-            elif kind is GetValues:
-                self.write(encode_get_values_result(self.pool.get_values(event.names)))
-            elif kind is UnknownManagementType:
+                    request.abort()
+            elif isinstance(event, GetValues):
+                self.write(encode_get_values_result(self.frontend.get_values(event.names)))
+            elif isinstance(event, UnknownManagementType):
                 self.write(encode_unknown_type(event.rtype))
             if self.closed:
                 return
+        if self.closing:
+            self._close_if_quiet()
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pool.connections.discard(self)
+        self.frontend.connections.discard(self)
         for request in list(self.requests.values()):
-            request.cancel()
+            request.connection_gone()
         self.requests.clear()
         self.reading_held_by.clear()
 
@@ -128,8 +184,28 @@ class FrontConnection(asyncio.Protocol):
     # ------------------------------------------------------------ used by requests
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def relay(self, request_id: int, records: bytes, starts: list[int], ended: bool) -> None:
+        """A child's records for the request ``request_id`` (the last one ends it)."""
+        self.write(self.codec.relay(request_id, records, starts, ended))
+
+    def respond(
+        self,
+        request_id: int,
+        status: int,
+        body: bytes,
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> int:
+        """The pool's own whole answer; returns its size."""
+        data = self.codec.respond(request_id, status, body, headers, content_type)
+        self.write(data)
+        return len(data)
+
+    def end(self, request_id: int) -> None:
+        self.write(self.codec.end(request_id))
 
     def abort(self, reason: str) -> None:
         """Close this connection at once, losing what is buffered; log why."""
@@ -141,120 +217,76 @@ class FrontConnection(asyncio.Protocol):
             self.transport.abort()
 
     def request_finished(self, request: Request) -> None:
-        """Forget an answered request. One answered before its body ended (413, 503) is kept
-        until the body's end arrives, so the web server can finish sending it."""
+        """Forget an ended request. A connection without keep-conn (or one of a pool that
+        is stopping) closes once nothing is left on it, a body still arriving included."""
         self.release_reading(request)
-        if not request.body_done and not self.closed:
-            return
-        self.codec.end_request(request.request_id)
         if self.requests.get(request.request_id) is request:
             del self.requests[request.request_id]
-        if not self.requests and (not request.keep_conn or self.pool.stopping):
-            self.close_idle()
+        if not request.keep_conn or self.frontend.draining:
+            self.closing = True
+            self._close_if_quiet()
 
     def close_idle(self) -> None:
         """Close after what is buffered has been written (no request is in flight)."""
         if not self.closed:
             self.closed = True
-            self.transport.close()  # type: ignore[union-attr]
+            if self.transport is not None:
+                self.transport.close()
 
     def hold_reading(self, request: Request) -> None:
         """Stop reading this connection until every request that asked releases it."""
-        if not self.reading_held_by and not self.closed:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        if not self.reading_held_by and not self.closed and self.transport is not None:
+            self.transport.pause_reading()
         self.reading_held_by.add(request)
 
     def release_reading(self, request: Request) -> None:
         if request in self.reading_held_by:
             self.reading_held_by.discard(request)
-            if not self.reading_held_by and not self.closed:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+            if not self.reading_held_by and not self.closed and self.transport is not None:
+                self.transport.resume_reading()
 
-    def fresh(self, now: float, grace: float = 1.0) -> bool:
+    def fresh(self, now: float) -> bool:
         """Connected moments ago and no request yet: its first request is on its way."""
-        return not self.closed and not self.started and now - self.connected_at < grace
+        return not self.closed and not self.started and now - self.connected_at < FRESH
 
     def stalled_since(self, now: float) -> float:
         """Seconds this connection has kept a request half-sent, 0 when it has not."""
-        if self.reading_held_by or all(request.body_done for request in self.requests.values()):
+        if self.reading_held_by or not self.codec.receiving:
             return 0.0
         return now - self.last_data
 
     # ------------------------------------------------------------ internals
 
+    def _close_if_quiet(self) -> None:
+        if not self.requests and not self.codec.receiving:
+            self.close_idle()
+
     def _answer_locally(self, request: Request, params: dict[bytes, bytes]) -> bool:
-        """admin.ping_path and admin.status_path are answered by the pool itself, even when
-        every child is busy (php-fpm's ping.path and pm.status_path)."""
-        admin = self.pool.config.admin
-        if not (admin.ping_path or admin.status_path):
+        frontend = self.frontend
+        if not (frontend.ping_path or frontend.status_path):
             return False
         path = (params.get(b"DOCUMENT_URI") or params.get(b"SCRIPT_NAME") or b"").decode("latin-1")
-        if path and path == admin.ping_path:
+        if not path:
+            return False
+        if path == frontend.ping_path:
             request.params = params
             request.respond(200, b"pong\n")
             return True
-        if path and path == admin.status_path:
+        if path == frontend.status_path:
             request.params = params
-            body = json.dumps(snapshot(self.pool)).encode()
+            body = json.dumps(frontend.status_document()).encode()
             request.respond(200, body, content_type="application/json")
             return True
         return False
 
     def _begin(self, event: BeginRequest) -> None:
         if event.role != Role.RESPONDER:
-            self.write(encode_end_request(event.request_id, 0, ProtocolStatus.UNKNOWN_ROLE))
-            self.codec.end_request(event.request_id)
+            self.write(self.codec.end(event.request_id, 0, ProtocolStatus.UNKNOWN_ROLE))
+            if not event.keep_conn:
+                self.closing = True
             return
         self.started += 1
-        if not self.pool.accepting:
-            request = Request(self, event.request_id, event.keep_conn, self.pool)
-            self.requests[event.request_id] = request
+        request = Request(self, event.request_id, event.keep_conn, self.frontend.context)
+        self.requests[event.request_id] = request
+        if not self.frontend.accepting:
             request.respond(503, b"The pool is shutting down\n")
-            return
-        self.requests[event.request_id] = Request(
-            self, event.request_id, event.keep_conn, self.pool
-        )
-
-
-def _lookup_ids(owner: str, group: str) -> tuple[int, int]:
-    uid = pwd.getpwnam(owner).pw_uid if owner else -1
-    gid = grp.getgrnam(group).gr_gid if group else -1
-    return uid, gid
-
-
-def bind(address: Address, mode: int, owner: str, group: str) -> socket.socket:
-    """A listening socket for ``address``; a stale unix socket file is replaced, a live
-    one (another pool answers on it) is an error."""
-    if address.kind == "tcp":
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
-    else:
-        path = address.path
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                raise OSError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)
-            else:
-                raise OSError(f"{path} is in use by a running process")
-            finally:
-                probe.close()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        uid, gid = _lookup_ids(owner, group)
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        os.chmod(path, mode)
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock

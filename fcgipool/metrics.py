@@ -1,7 +1,7 @@
-"""Prometheus metrics. Per request the pool only adds to plain counters (well under a
-microsecond); they become Prometheus families when scraped, as do the gauges read from the
-pool. prometheus_client's own Counter/Histogram cost ~8 us a request in labels(), locks and
-bucket loops. Labels are bounded: status code, request class, child state, restart reason."""
+"""Prometheus metrics, made when scraped: from the counters accounting.py keeps per request
+(prometheus_client's own Counter/Histogram cost ~8 us a request in labels(), locks and
+bucket loops) and from gauges read through the pool's read-only view (status.PoolView).
+Labels are bounded: status code, request class, child state, restart reason."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily as CounterFamily
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from .supervisor import Pool
+    from .accounting import Accounting
+    from .status import PoolView
 
 disable_created_metrics()  # *_created samples only add noise to a scrape
 
@@ -44,25 +45,12 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, pool: Pool) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests: dict[tuple[int, str], int] = {}  # (status, class) -> answered
-        self.duration: dict[str, Histogram] = {}
-        self.queue_wait: dict[str, Histogram] = {}
-        self.response_bytes = 0
-        self.registry.register(_RequestCollector(self))
-        self.registry.register(_PoolCollector(pool))
+    """The registry of one pool: its requests' counters and its gauges."""
 
-    def observe(self, code: int, klass: str, duration: float, wait: float, size: int) -> None:
-        key = (code, klass)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.duration.get(klass)
-        if histogram is None:
-            histogram = self.duration[klass] = Histogram()
-            self.queue_wait[klass] = Histogram()
-        histogram.observe(duration)
-        self.queue_wait[klass].observe(wait)
-        self.response_bytes += size
+    def __init__(self, pool: PoolView) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_RequestCollector(pool))
+        self.registry.register(_PoolCollector(pool))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -71,14 +59,14 @@ class Metrics:
 class _RequestCollector:
     """The per-request counters as Prometheus families, built at scrape time."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self, pool: PoolView) -> None:
+        self.pool = pool
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        metrics = self.metrics
+        metrics: Accounting = self.pool.accounting
         requests = CounterFamily(
             "fcgipool_requests",
             "Requests answered, by HTTP status and request class.",
@@ -113,37 +101,31 @@ class _RequestCollector:
 class _PoolCollector:
     """Gauges read from the pool at scrape time."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: PoolView) -> None:
         self.pool = pool
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from .child import State
+        from .status import child_counts
 
         pool = self.pool
+        children, dispatcher = pool.children, pool.dispatcher
+        workers = children.workers
         states = GaugeMetricFamily("fcgipool_children", "Children by state.", labels=["state"])
-        counts = {state.value: 0 for state in State if state is not State.DEAD}
-        for child in pool.children:
-            if child.state is not State.DEAD:
-                counts[child.state.value] += 1
+        counts = child_counts(children)
         for state, count in counts.items():
             states.add_metric([state], count)
         yield states
-        busy = counts["busy"]
         yield GaugeMetricFamily(
             "fcgipool_busy_ratio",
             "Busy children over configured workers (scale on this).",
-            value=busy / max(1, pool.config.pool.workers),
+            value=counts["busy"] / max(1, workers),
         )
+        yield GaugeMetricFamily("fcgipool_workers", "Configured number of children.", value=workers)
         yield GaugeMetricFamily(
-            "fcgipool_workers", "Configured number of children.", value=pool.config.pool.workers
-        )
-        yield GaugeMetricFamily(
-            "fcgipool_queue_length",
-            "Requests waiting for a free child.",
-            value=pool.dispatcher.waiting,
+            "fcgipool_queue_length", "Requests waiting for a free child.", value=dispatcher.waiting
         )
         queues = GaugeMetricFamily(
             "fcgipool_class_queue_length", "Waiting requests by class.", labels=["class"]
@@ -154,7 +136,7 @@ class _PoolCollector:
         limits = GaugeMetricFamily(
             "fcgipool_class_queue_limit", "Queue bound by class.", labels=["class"]
         )
-        for queue in pool.dispatcher.by_priority:
+        for queue in dispatcher.by_priority:
             queues.add_metric([queue.name], len(queue.waiting))
             running.add_metric([queue.name], queue.running)
             limits.add_metric([queue.name], queue.max_waiting)
@@ -164,12 +146,14 @@ class _PoolCollector:
         limit = pool.config.limits.max_waiting
         yield GaugeMetricFamily("fcgipool_queue_limit", "Bound of the queue.", value=limit)
         yield GaugeMetricFamily(
-            "fcgipool_connections", "Open front-end connections.", value=len(pool.connections)
+            "fcgipool_connections",
+            "Open front-end connections.",
+            value=len(pool.frontend.connections),
         )
         yield GaugeMetricFamily(
             "fcgipool_failure_pressure",
             "Failures within the window over workers; the pool exits above the limit.",
-            value=pool.failure_pressure(),
+            value=children.failure_pressure(),
         )
         yield GaugeMetricFamily(
             "fcgipool_failure_pressure_limit",
@@ -179,10 +163,10 @@ class _PoolCollector:
         restarts = CounterFamily(
             "fcgipool_child_restarts", "Children replaced, by reason.", labels=["reason"]
         )
-        for reason, count in sorted(pool.restarts.items()):
+        for reason, count in sorted(pool.accounting.restarts.items()):
             restarts.add_metric([reason], count)
         yield restarts
-        rss = [child.rss() for child in pool.children if child.state is not State.DEAD]
+        rss = [children.rss(child) for child in children.all]
         yield GaugeMetricFamily(
             "fcgipool_children_rss_bytes", "Resident memory of all children.", value=sum(rss)
         )

@@ -1,9 +1,12 @@
 """Sans-IO FastCGI codec (FastCGI 1.0 spec): bytes in, events out, bytes to send.
 
 Nothing here touches a socket or a clock, so every path can be unit-tested and fuzzed.
-Two connection roles are modelled: :class:`ServerConnection` is what the pool is to the web
-server (it receives requests), :class:`ClientConnection` is what the pool is to a child (it
-receives responses). Both are built on :class:`RecordReader`, which only splits records.
+:class:`ServerConnection` is what the pool is to the web server: it receives requests and
+encodes every record that ends one, so it always knows which request ids are in use.
+:class:`ResponseScanner` is the pool's fast reader of a child's answer (whole records,
+checked, not copied apart). :class:`ClientConnection` decodes a response into events, for
+`fcgipool request` and the tests. All are built on the same framing: 8-byte headers,
+content, padding.
 """
 
 from __future__ import annotations
@@ -377,17 +380,22 @@ _MANAGEMENT_FROM_CLIENT = (RecordType.GET_VALUES,)
 class ServerConnection:
     """The application side of one connection: what the pool is to nginx or Apache.
 
-    Tracks which request ids are active, reassembles PARAMS (bounded by ``max_params``)
-    and turns records into events. Records for a request id that is not active are
-    dropped, as the spec allows; anything malformed raises :class:`ProtocolError`.
+    A request id is *active* from its BEGIN_REQUEST until this codec encodes the
+    END_REQUEST that ends it (:meth:`respond`, :meth:`relay` or :meth:`end`), so nobody
+    has to remember to release it, and nothing can end a request twice: a record encoded
+    for an id that is not active comes out empty. An id whose PARAMS or STDIN stream is
+    still open is *receiving*; what still arrives for it after its end is dropped, and a
+    new BEGIN_REQUEST may reuse the id. PARAMS are reassembled up to ``max_params`` bytes;
+    anything malformed raises :class:`ProtocolError`.
     """
 
-    __slots__ = ("_params", "_reader", "active", "max_params")
+    __slots__ = ("_params", "_reader", "active", "max_params", "receiving")
 
     def __init__(self, max_params: int = 1 << 20) -> None:
         self._reader = RecordReader()
         self._params: dict[int, bytearray | None] = {}
         self.active: set[int] = set()
+        self.receiving: set[int] = set()  # PARAMS or STDIN not ended yet
         self.max_params = max_params
 
     def feed(self, data: bytes) -> list[Event]:
@@ -400,6 +408,8 @@ class ServerConnection:
                     if self._params.get(request_id) is not None:
                         raise ProtocolError(f"STDIN before the end of PARAMS, id {request_id}")
                     events.append(Stdin(request_id, content))
+                if not content:
+                    self.receiving.discard(request_id)
             elif rtype == _PARAMS:
                 event = self._add_params(request_id, content)
                 if event is not None:
@@ -407,6 +417,7 @@ class ServerConnection:
             elif rtype == _BEGIN:
                 events.append(self._begin(request_id, content))
             elif rtype == RecordType.ABORT_REQUEST:
+                self.receiving.discard(request_id)  # the web server sends no more of it
                 if request_id in self.active:
                     events.append(AbortRequest(request_id))
             elif rtype == RecordType.DATA:
@@ -416,10 +427,51 @@ class ServerConnection:
                 raise ProtocolError(f"record type {rtype} is not sent by a web server")
         return events
 
-    def end_request(self, request_id: int) -> None:
-        """Forget a request once its END_REQUEST was sent; its id may be reused."""
+    # Encoding what ends a request: each marks its id free for reuse.
+
+    def end(
+        self,
+        request_id: int,
+        app_status: int = 0,
+        protocol_status: int = ProtocolStatus.REQUEST_COMPLETE,
+    ) -> bytes:
+        """END_REQUEST alone (an ABORT_REQUEST answered, a role refused)."""
+        if not self._ended(request_id):
+            return b""
+        return encode_end_request(request_id, app_status, protocol_status)
+
+    def respond(
+        self,
+        request_id: int,
+        status: int,
+        body: bytes = b"",
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> bytes:
+        """A whole answer from the pool itself (503, 504, 413...), END_REQUEST included."""
+        if not self._ended(request_id):
+            return b""
+        return encode_response(request_id, status, body, headers, content_type)
+
+    def relay(
+        self, request_id: int, records: bytes, starts: list[int], ended: bool
+    ) -> bytes:
+        """A child's whole records (see :class:`ResponseScanner`) for ``request_id``; with
+        ``ended`` their last one is the END_REQUEST that ends it."""
+        if request_id not in self.active:
+            return b""
+        if ended:
+            self._ended(request_id)
+        return records if request_id == 1 else retag(records, starts, request_id)
+
+    def _ended(self, request_id: int) -> bool:
+        if request_id not in self.active:
+            return False
         self.active.discard(request_id)
         self._params.pop(request_id, None)
+        return True
+
+    # Decoding.
 
     def _management(self, rtype: int, content: bytes) -> Event:
         if rtype == RecordType.GET_VALUES:
@@ -435,6 +487,7 @@ class ServerConnection:
             raise ProtocolError(f"BEGIN_REQUEST for active request id {request_id}")
         role, flags = _BEGIN_BODY.unpack(content)
         self.active.add(request_id)
+        self.receiving.add(request_id)
         self._params[request_id] = bytearray()
         return BeginRequest(request_id, role, bool(flags & KEEP_CONN))
 
@@ -457,7 +510,8 @@ class ServerConnection:
 
 
 class ClientConnection:
-    """The web-server side of one connection: what the pool is to a child."""
+    """The web-server side of one connection, as events: what `fcgipool request` and the
+    tests use to read an answer (the pool itself reads children with ResponseScanner)."""
 
     __slots__ = ("_reader",)
 

@@ -1,4 +1,8 @@
-"""One request's life: received from the web server, queued, relayed to a child, answered.
+"""One request's life: received from the web server, admitted, queued, relayed to a child,
+answered. Every state and every allowed move is in :data:`MACHINE` (h11's ``_state.py`` is
+the model); a move the table does not allow raises :class:`IllegalTransition`. Every
+ending goes through :meth:`Request._end`, which says how the web server learns of it
+(:class:`Reply`) and hands back what the request held: its queue place or its child.
 
 The request relays in both directions with flow control: body bytes wait in a bounded
 buffer until a child takes the request, then stream as they arrive; response bytes stream
@@ -18,31 +22,33 @@ Past the request timeout the web server gets a 504 at once and the child is canc
 
 from __future__ import annotations
 
+import asyncio
 import enum
-import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import logs
 from .child import State as ChildState
-from .classify import ogc_from_body
 from .client import response_status
 from .protocol import (
     EndRequest,
     RecordType,
     encode_begin_request,
-    encode_pairs,
     encode_params,
     encode_record,
-    encode_response,
     encode_stream,
-    retag,
     stdout_content,
 )
 
 if TYPE_CHECKING:
+    from .accounting import Accounting
+    from .admission import Admission
     from .child import Child, ChildConnection
+    from .children import Children
+    from .config import LimitsSection
+    from .dispatch import Dispatcher
     from .frontend import FrontConnection
-    from .supervisor import Pool
 
 log = logs.get("fcgipool.request")
 
@@ -52,17 +58,76 @@ _BEGIN = {  # the BEGIN_REQUEST record sent to a child, by FCGI_KEEP_CONN
     keep: encode_begin_request(CHILD_REQUEST_ID, keep_conn=keep) for keep in (False, True)
 }
 _REPEATABLE = (b"GET", b"HEAD")
-_CLASSIFY_BODY_LIMIT = 65536  # POST bodies up to this size are read to classify them
 ABORTED = 499  # nginx's code for a request whose client went away
 _HEAD_LIMIT = 8192  # the CGI headers are read from this much of the first output, not all
 
 
-class Phase(enum.Enum):
-    RECEIVING = "receiving"  # PARAMS not complete
-    QUEUED = "queued"  # waiting for a free child
-    CONNECTING = "connecting"  # a child is chosen, its connection is being made
-    RUNNING = "running"  # the child has the request
-    DONE = "done"  # answered or given up
+class State(enum.Enum):
+    RECEIVING = "receiving"  # PARAMS (and the head of a small POST body) still arriving
+    QUEUED = "queued"  # admitted, waiting for a free child
+    CONNECTING = "connecting"  # a child is chosen, a connection to it is being made
+    RUNNING = "running"  # the child has the request; no answer byte yet
+    RESPONDING = "responding"  # answer bytes are going to the web server
+    DONE = "done"  # ended, one way or another
+
+
+class Event(enum.Enum):
+    ADMIT = "admit"  # classified and allowed: it waits for a child
+    ASSIGN = "assign"  # the dispatcher gave it a child
+    CONNECT = "connect"  # its bytes go out on a connection to the child
+    ANSWER = "answer"  # the child's first answer byte arrived
+    REPLAY = "replay"  # a kept connection was closed under it: again, same child
+    REQUEUE = "requeue"  # the child failed before answering: again, another child
+    END = "end"
+
+
+MACHINE: dict[State, dict[Event, State]] = {
+    State.RECEIVING: {Event.ADMIT: State.QUEUED, Event.END: State.DONE},
+    State.QUEUED: {Event.ASSIGN: State.CONNECTING, Event.END: State.DONE},
+    State.CONNECTING: {
+        Event.CONNECT: State.RUNNING,
+        Event.REQUEUE: State.QUEUED,
+        Event.END: State.DONE,
+    },
+    State.RUNNING: {
+        Event.ANSWER: State.RESPONDING,
+        Event.REPLAY: State.CONNECTING,
+        Event.REQUEUE: State.QUEUED,
+        Event.END: State.DONE,
+    },
+    State.RESPONDING: {Event.END: State.DONE},
+    State.DONE: {},
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A move the state table does not allow: a bug in the pool."""
+
+
+class Reply(enum.Enum):
+    """How the web server learns that a request ended."""
+
+    CHILD = "child"  # the child's END_REQUEST was relayed
+    POOL = "pool"  # the pool answers it itself (403, 413, 502, 503, 504)
+    CLOSE = "close"  # the answer had begun: only a closed connection says it is cut short
+    END = "end"  # END_REQUEST alone: the web server aborted the request
+    NONE = "none"  # the web server's connection is gone
+
+
+@dataclass(slots=True)
+class Context:
+    """What a request needs of the pool (uvicorn's ServerState is the model): made by the
+    supervisor, refreshed on reload, shared by every request."""
+
+    loop: asyncio.AbstractEventLoop
+    limits: LimitsSection
+    keep_conn: bool
+    reconnect_after: float
+    request_timeout: float
+    admission: Admission
+    dispatcher: Dispatcher
+    children: Children
+    accounting: Accounting
 
 
 class Request:
@@ -82,61 +147,65 @@ class Request:
         "connection",
         "counted",
         "created",
+        "ctx",
         "front",
         "keep_conn",
         "params",
-        "phase",
-        "pool",
         "project",
         "queued_at",
         "raw_params",
         "request_class",
         "request_id",
-        "response_started",
         "served_by",
         "started",
+        "state",
         "status",
         "timeout",
     )
 
-    def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, pool: Pool):
+    def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, ctx: Context):
+        self.ctx = ctx
         self.front = front
         self.request_id = request_id
         self.keep_conn = keep_conn
-        self.pool = pool
+        self.state = State.RECEIVING
         self.params: dict[bytes, bytes] = {}
         self.raw_params = b""
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # for the child, until it takes the request
         self._pending_size = 0
-        self._body_head: bytearray | None = None
-        self._sent: list[bytes] | None = None
+        self._body_head: bytearray | None = None  # a small POST body, read to classify it
+        self._sent: list[bytes] | None = None  # what the child got, while it may be resent
         self._sent_size = 0
-        self._reused = False
+        self._reused = False  # sent on a kept connection
         self._replayed = False
         self._retried = False
         self.body_size = 0
         self.body_done = False
         self.child: Child | None = None
         self.connection: ChildConnection | None = None
-        self.phase = Phase.RECEIVING
+        self.created = ctx.loop.time()
         self.queued_at = 0.0
-        self.response_started = False
-        self.created = time.monotonic()
         self.started = 0.0  # when a child took it
         self.status = 0
         self.bytes_out = 0
         self.request_class = "default"
         self.project = ""
-        self.timeout = pool.config.timeouts.request
-        self.counted = False  # holds a place in its class's running count
+        self.timeout = ctx.request_timeout
+        self.counted = False  # holds a place in its class's running count (dispatch.py)
         self.served_by = 0  # pid of the (last) child that had it
 
     def __repr__(self) -> str:
-        return f"<Request {self.request_id} {self.phase.value} {self.uri}>"
+        return f"<Request {self.request_id} {self.state.value} {self.uri}>"
 
     @property
     def uri(self) -> str:
         return self.params.get(b"REQUEST_URI", b"").decode("latin-1")
+
+    def _move(self, event: Event) -> None:
+        try:
+            self.state = MACHINE[self.state][event]
+        except KeyError:
+            raise IllegalTransition(f"{event.value} in state {self.state.value}") from None
 
     # ------------------------------------------------------------ from the web server
 
@@ -144,64 +213,31 @@ class Request:
         self.params, self.raw_params = params, raw
         declared = params.get(b"CONTENT_LENGTH", b"")
         length = int(declared) if declared.isdigit() else 0
-        if length > self.pool.config.limits.max_body_size:
+        if length > self.ctx.limits.max_body_size:
             self.respond(413, b"Request body too large\n")
-            return
-        if (
-            params.get(b"REQUEST_METHOD") == b"POST"
-            and 0 < length <= _CLASSIFY_BODY_LIMIT
-            and not self.body_done
-        ):
-            self._body_head = bytearray()  # an OGC request may be in the body: wait for it
-            return
-        self._admit(None)
+        elif self.ctx.admission.wants_body(params, length) and not self.body_done:
+            self._body_head = bytearray()  # the OGC request may be in the body: wait for it
+        else:
+            self._admit(None)
 
     def _admit(self, body: bytes | None) -> None:
-        """Classify, check the project, then queue or start."""
-        classifier = self.pool.classifier
-        params = self.params
-        ogc, rule = classifier.of_query(params)
-        if body and not ("SERVICE" in ogc and "REQUEST" in ogc):
-            content_type = params.get(b"CONTENT_TYPE", b"").decode("latin-1").lower()
-            from_body = ogc_from_body(body, content_type, classifier.wanted)
-            ogc = {**from_body, **ogc}
-            rule = classifier.classify(ogc, params)
-        self.request_class = name = rule.name
-        self.timeout = self.pool.dispatcher.classes[name].request_timeout
-        project = classifier.project(ogc, params)
-        if project:
-            check = classifier.check(project)
-            if not check.allowed:
-                log.warning("project_refused", project=project, uri=self.uri)
-                self.project = project
-                self.respond(403, b"This project is not served here\n")
-                return
-            if check.path:
-                self.params = classifier.rewrite(params, ogc, check.path)
-                self.raw_params = encode_pairs(self.params.items())
-                project = check.path
-        self.project = project
-        head = _BEGIN[self.pool.config.child.keep_conn] + encode_params(
-            CHILD_REQUEST_ID, self.raw_params
-        )
+        refusal = self.ctx.admission.admit(self, body)
+        if refusal is not None:
+            self.respond(*refusal)
+            return
+        self._move(Event.ADMIT)
+        head = _BEGIN[self.ctx.keep_conn] + encode_params(CHILD_REQUEST_ID, self.raw_params)
         self._pending.insert(0, head)
         self._pending_size += len(head)
-        self.phase = Phase.QUEUED
-        self.pool.dispatcher.submit(self)
+        self.ctx.dispatcher.submit(self)
 
     def on_stdin(self, data: bytes) -> None:
-        if self.phase is Phase.DONE:  # answered early: the rest of the body is discarded
-            if not data:
-                self.body_done = True
-                self.front.request_finished(self)
-            return
         if self.body_done:  # nothing may follow the end of the body
             return
         if data:
             self.body_size += len(data)
-            if self.body_size > self.pool.config.limits.max_body_size:
-                self.give_up()
-                self.respond(413, b"Request body too large\n")
+            if self.body_size > self.ctx.limits.max_body_size:
+                self._fail(413, b"Request body too large\n")
                 return
             record = encode_stream(RecordType.STDIN, CHILD_REQUEST_ID, data)
             if self._body_head is not None:
@@ -216,159 +252,146 @@ class Request:
         self._pending.append(record)
         self._pending_size += len(record)
         if self._body_head is not None and (
-            self.body_done or len(self._body_head) > _CLASSIFY_BODY_LIMIT
+            self.body_done or len(self._body_head) > self.ctx.admission.body_limit
         ):
             body, self._body_head = bytes(self._body_head), None
             self._admit(body)
-        elif self._pending_size > self.pool.config.limits.body_buffer:
+        elif self._pending_size > self.ctx.limits.body_buffer:
             self.front.hold_reading(self)
 
-    def cancel(self) -> None:
-        """The web server aborted the request or went away: stop all work for it."""
-        if self.phase is not Phase.DONE:
-            self.give_up()
-            self.status = ABORTED
-            self._finish()
+    def abort(self) -> None:
+        """The web server sent FCGI_ABORT_REQUEST: END_REQUEST, and the child is freed."""
+        self._end(ABORTED, Reply.END)
+
+    def connection_gone(self) -> None:
+        """The web server's connection closed: nobody is left to answer."""
+        self._end(ABORTED, Reply.NONE)
 
     # ------------------------------------------------------------ to and from a child
 
     def start(self, child: Child) -> None:
         """The dispatcher gives this request a free child."""
+        self._move(Event.ASSIGN)
+        ctx = self.ctx
         self.child = child
-        child.state = ChildState.BUSY
-        child.request = self
+        ctx.children.assign(child, self)
         self.served_by = child.pid
+        now = ctx.loop.time()
         if not self.started:
-            self.started = time.monotonic()
-        connection = child.usable_connection()
+            self.started = now
+        connection = child.usable_connection(now, ctx.reconnect_after) if ctx.keep_conn else None
         if connection is not None:
             self._attach(connection, reused=True)
         else:
-            self._connect_later(child)
-
-    def _connect_later(self, child: Child) -> None:
-        self.phase = Phase.CONNECTING
-        self.pool.loop.create_task(self._connect(child))
+            ctx.loop.create_task(self._connect(child))
 
     async def _connect(self, child: Child) -> None:
-        connection = await child.connect()
-        if self.phase is not Phase.CONNECTING or self.child is not child:
-            if connection is not None:  # given up while connecting: the child is free
-                self.pool.child_done(child, served=False)
-            return
-        if connection is None:
-            self.on_lost()
-        else:
+        """In state CONNECTING the connect is in flight, and only its end frees the child."""
+        children = self.ctx.children
+        connection = await children.connect(child)
+        if self.child is not child or self.state is not State.CONNECTING:
+            # Ended while connecting: the child never saw the request.
+            if connection is not None:
+                children.release(child, served=False)
+            else:
+                children.abandon(child)
+        elif connection is not None:
             self._attach(connection, reused=False)
+        else:  # the child is gone or broken; the request never reached it
+            self.child = None
+            children.abandon(child)
+            self._retry_or_fail()
 
     def _attach(self, connection: ChildConnection, reused: bool) -> None:
+        self._move(Event.CONNECT)
         self.connection = connection
-        self.phase = Phase.RUNNING
         self._reused = reused
         connection.handler = self
         connection.hold(self.front.write_paused)
-        data = b"".join(self._pending)
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         connection.write(data)
         self._pending.clear()
         self._pending_size = 0
-        self._sent, self._sent_size = None, 0
-        if not self.response_started:
-            self._sent = []
-            self._keep_sent(data)
+        self._sent, self._sent_size = [], 0
+        self._keep_sent(data)
         self.front.release_reading(self)
 
     def _keep_sent(self, data: bytes) -> None:
         if self._sent is not None:
             self._sent.append(data)
             self._sent_size += len(data)
-            if self._sent_size > self.pool.config.limits.body_buffer:
+            if self._sent_size > self.ctx.limits.body_buffer:
                 self._sent = None
 
     def on_output(
         self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
     ) -> None:
-        if has_output and not self.response_started:
-            self.response_started = True
+        if has_output and self.state is State.RUNNING:
+            self._move(Event.ANSWER)
             self._sent = None
             self.status = response_status(stdout_content(records, starts, _HEAD_LIMIT))
-        if self.request_id != CHILD_REQUEST_ID:
-            records = retag(records, starts, self.request_id)
-        self.front.write(records)
+        self.front.relay(self.request_id, records, starts, end is not None)
         self.bytes_out += len(records)
         if end is not None:
             if self.connection is not None:
                 self.connection.hold(False)  # the answer is complete: free for the next one
-            child = self.child
-            self._finish()
-            if child is not None:
-                self.pool.child_done(child, served=True)
+            self._end(self.status or 502, Reply.CHILD)
 
     def on_lost(self) -> None:
-        """The child's connection ended (or could not be made) before END_REQUEST."""
-        if self.phase is Phase.DONE:
+        """The child's connection ended before END_REQUEST."""
+        state = self.state
+        if state is State.RESPONDING:
+            self._end(502, Reply.CLOSE, b"child connection lost mid-response")
+            return
+        if state is not State.RUNNING:
             return
         child = self.child
-        if self.phase is Phase.RUNNING:
-            sent, self._sent = self._sent, None
-            if sent is not None:
-                self._resend(sent)
-            resendable = sent is not None
-        else:  # never attached: the whole request is still pending
-            resendable = not self.response_started
-        if (
-            resendable
-            and self._reused
-            and not self._replayed
-            and child is not None
-            and child.state is ChildState.BUSY  # still ours: replay on the same child
-        ):
-            self._replayed = True
-            self._connect_later(child)
+        sent, self._sent = self._sent, None
+        self.connection = None
+        if sent is None:  # too much was sent to keep it for a second try
+            self._fail(502, b"The FastCGI child failed before answering\n")
             return
-        if resendable and not self._retried and self._repeatable():
-            self._retried = True
-            log.info("request_retried", uri=self.uri, pid=child.pid if child else 0)
-            self.child = None
-            if child is not None:
-                child.request = None
-                self.pool.recover(child)
-            self.pool.dispatcher.released(self)
-            self.phase = Phase.QUEUED
-            self.pool.dispatcher.submit(self, first=True)
-            return
-        if self.response_started:
-            self.front.abort("child connection lost mid-response")
-            self.status = 502
-            self._finish()
-        else:
-            self.respond(502, b"The FastCGI child failed before answering\n")
-        if child is not None:
-            self.pool.recover(child)
-
-    def _resend(self, sent: list[bytes]) -> None:
         self._pending[:0] = sent
         self._pending_size += sum(map(len, sent))
-        self.connection = None
+        if (
+            self._reused
+            and not self._replayed
+            and child is not None
+            and child.state is ChildState.BUSY  # still ours: again on the same child
+        ):
+            self._replayed = True
+            self._move(Event.REPLAY)
+            self.ctx.loop.create_task(self._connect(child))
+            return
+        self.child = None
+        if child is not None:
+            self.ctx.children.abandon(child)
+        self._retry_or_fail()
+
+    def _retry_or_fail(self) -> None:
+        """The child failed before answering (and is no longer this request's): a GET or
+        HEAD is sent once more, to another child; anything else gets a 502."""
+        if self._retried or not self._repeatable():
+            self._fail(502, b"The FastCGI child failed before answering\n")
+            return
+        self._retried = True
+        log.info("request_retried", uri=self.uri, pid=self.served_by)
+        self.ctx.dispatcher.released(self)
+        self._move(Event.REQUEUE)
+        self.ctx.dispatcher.submit(self, first=True)
 
     def _repeatable(self) -> bool:
         return self.params.get(b"REQUEST_METHOD", b"GET") in _REPEATABLE
 
-    def timed_out(self) -> None:
-        """Past timeouts.request (the pool checks a few times a second): 504 at once, and
-        the child is cancelled."""
-        if self.phase is Phase.DONE:
+    def check_timeout(self, now: float) -> None:
+        """Past its timeout (the pool checks a few times a second): 504 at once, and the
+        child is cancelled."""
+        if self.state is State.DONE or not self.started or now <= self.started + self.timeout:
             return
         seconds = self.timeout
         child = self.child
         log.warning("request_timeout", uri=self.uri, pid=child.pid if child else 0, seconds=seconds)
-        self.pool.timed_out += 1
-        self.give_up()
-        if self.response_started:
-            self.front.abort("request timeout in the middle of the response")
-            self.status = 504
-            self._finish()
-        else:
-            self.respond(504, f"The request took longer than {seconds:g} s\n".encode())
+        self._fail(504, f"The request took longer than {seconds:g} s\n".encode())
 
     def pause_sending(self) -> None:
         self.front.hold_reading(self)
@@ -391,39 +414,50 @@ class Request:
         self,
         status: int,
         body: bytes,
-        headers: tuple[tuple[str, str], ...] = (),
+        headers: Iterable[tuple[str, str]] = (),
         content_type: str = "text/plain; charset=utf-8",
     ) -> None:
-        """Answer from the pool itself and end the request."""
-        if self.phase is Phase.DONE:
-            return
-        data = encode_response(self.request_id, status, body, headers, content_type)
-        self.front.write(data)
-        self.status, self.bytes_out = status, len(data)
-        self._finish()
+        """The pool answers before any child has it (a 403, 413 or 503; a ping)."""
+        self._end(status, Reply.POOL, body, headers, content_type)
 
-    def give_up(self) -> None:
-        """Withdraw the request from the queue or from its child, which must then recover."""
-        if self.phase is Phase.QUEUED:
-            self.pool.dispatcher.withdraw(self)
-        elif self.phase in (Phase.CONNECTING, Phase.RUNNING) and self.child is not None:
-            child, self.child = self.child, None
-            child.request = None
-            if self.connection is not None:
-                self.connection.handler = None
-                self.connection = None
-            if self.phase is Phase.RUNNING:
-                self.pool.recover(child)
-            self.phase = Phase.QUEUED  # so a connect in progress sees the change
+    def _fail(self, status: int, body: bytes) -> None:
+        """A failure after admission: a clean answer while none has begun, else a close."""
+        self._end(status, Reply.CLOSE if self.state is State.RESPONDING else Reply.POOL, body)
 
-    def _finish(self) -> None:
-        was_done = self.phase is Phase.DONE
-        self.phase = Phase.DONE
-        self.connection = None
+    def _end(
+        self,
+        status: int,
+        reply: Reply,
+        body: bytes = b"",
+        headers: Iterable[tuple[str, str]] = (),
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> None:
+        """Every ending, once: give back the queue place or the child, tell the web
+        server as ``reply`` says, count it."""
+        state = self.state
+        self._move(Event.END)
+        ctx = self.ctx
+        self.status = status
+        if state is State.QUEUED:
+            ctx.dispatcher.withdraw(self)
+        child, self.child = self.child, None
+        connection, self.connection = self.connection, None
+        if connection is not None and connection.handler is self:
+            connection.handler = None
         self._pending.clear()
         self._sent = None
-        if self.child is not None and self.child.request is self:
-            self.child.request = None
-        self.front.request_finished(self)
-        if not was_done:
-            self.pool.request_done(self)
+        front = self.front
+        if reply is Reply.POOL:
+            self.bytes_out = front.respond(self.request_id, status, body, headers, content_type)
+        elif reply is Reply.CLOSE:
+            front.abort(body.decode() if body else "request ended mid-response")
+        elif reply is Reply.END:
+            front.end(self.request_id)
+        front.request_finished(self)
+        ctx.dispatcher.released(self)
+        if child is not None and state is not State.CONNECTING:  # a connect frees its child
+            if reply is Reply.CHILD:
+                ctx.children.release(child, served=True)
+            else:
+                ctx.children.abandon(child)
+        ctx.accounting.request_done(self)

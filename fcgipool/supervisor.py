@@ -1,47 +1,69 @@
-"""The pool: one asyncio loop that owns the sockets, the children and their life cycle.
+"""The supervisor: one asyncio loop that builds the pool's parts and turns signals and
+control commands into actions.
 
-Spawn, probe and warm up until ready, hand out, recover after an abandoned request, reap
-(one reaper: SIGCHLD + waitpid(-1), which also collects orphans adopted as a subreaper),
-respawn with backoff, recycle, reload, stop. Failures (crashes, kills after a timeout,
-failed starts) within a window, over the number of workers, make the failure pressure;
-above its limit the pool exits with code 3 so that systemd or Kubernetes replaces it.
-Modelled on gunicorn's arbiter: one ``handle_*`` method per signal.
+Modelled on gunicorn's arbiter: one ``handle_*`` method per signal, each verb (reload,
+scale, stop) its own method. The pool's own life is one :class:`Lifecycle`; every move
+is in :data:`LIFECYCLE`. The parts, in the order a request meets them: listeners.py (the
+sockets), frontend.py (the connections), request.py (one request's life), admission.py
+(class, project), dispatch.py (queues, picking a child), children.py (the children's
+life), accounting.py (counts, the access log). None of them imports this module: each is
+handed what it needs (request.Context, children.Events, status.PoolView, admin.Controls).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
+import enum
 import os
-import random
 import resource
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
-import time
-import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import config as config_module
 from . import logs, systemd
+from .accounting import Accounting
 from .admin import ControlServer, HttpAdmin
-from .child import Child, State, child_environment
+from .admission import Admission
+from .children import Children, Processes
 from .classify import Classifier
 from .config import Config
-from .dispatch import Dispatcher, remember
-from .frontend import FrontConnection, bind
+from .dispatch import Dispatcher
+from .frontend import Frontend
+from .listeners import Listeners, bind, describe
 from .metrics import Metrics
+from .processes import OsProcesses
+from .request import Context
+from .status import snapshot
 
 log = logs.get("fcgipool.supervisor")
 
 EXIT_PRESSURE = 3
 _PR_SET_CHILD_SUBREAPER = 36
-_MAX_BACKOFF = 30.0
+TICK = 0.1  # request timeouts, queue timeouts and the access log, checked this often
+SWEEP = 1.0  # stalled connections, orphans (pidfd reaping)
+
+
+class Lifecycle(enum.Enum):
+    STARTING = "starting"  # children are starting; requests are taken and wait
+    RUNNING = "running"
+    RELOADING = "reloading"  # a reload is replacing the children
+    DRAINING = "draining"  # stopping: no new connection; what is in flight may finish
+    STOPPED = "stopped"  # no request is taken; the children are being stopped
+
+
+LIFECYCLE: dict[Lifecycle, frozenset[Lifecycle]] = {
+    Lifecycle.STARTING: frozenset({Lifecycle.RUNNING, Lifecycle.RELOADING, Lifecycle.DRAINING}),
+    Lifecycle.RUNNING: frozenset({Lifecycle.RELOADING, Lifecycle.DRAINING}),
+    Lifecycle.RELOADING: frozenset({Lifecycle.RUNNING, Lifecycle.RELOADING, Lifecycle.DRAINING}),
+    Lifecycle.DRAINING: frozenset({Lifecycle.STOPPED}),
+    Lifecycle.STOPPED: frozenset(),
+}
 
 
 def _become_subreaper() -> None:
@@ -59,192 +81,229 @@ def _raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-_OUR_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what the pool sends to stop a child
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
-
-
 class Pool:
     def __init__(
         self,
         config: Config,
         config_path: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        processes: Processes | None = None,
+        notify: Callable[[str], object] = systemd.notify,
     ) -> None:
+        self.loop = loop
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
-        self.classifier = Classifier(config)
-        self.dispatcher = Dispatcher(config, self.classifier.rules)
-        self.connections: set[FrontConnection] = set()
-        self.children: list[Child] = []
-        self.by_pid: dict[int, Child] = {}
-        self.stale: list[Child] = []  # children a reload has yet to replace
-        self.generation = 0  # children spawned so far
+        self.notify = notify
+        self.lifecycle = Lifecycle.STARTING
+        self.started_at = loop.time()
         self.reloads = 0
-        self.reloading = False
-        self.failures: collections.deque[float] = collections.deque()
-        self.failures_in_a_row = 0
-        self.next_spawn_at = 0.0
-        self.respawn_timer: asyncio.TimerHandle | None = None
-        self.restarts: collections.Counter[str] = collections.Counter()
-        self.timed_out = 0
-        self.scaled = False
-        self.pidfd_reaping = False
-        self.stopping = False
-        self.accepting = True  # new requests are taken (false once the drain has ended)
-        self.ready_announced = False
-        self.runtime_dir = ""
-        self.servers: list[asyncio.AbstractServer] = []
-        self.listen_sockets: list[socket.socket] = []
-        self.admin_servers: list[asyncio.AbstractServer] = []
-        self.unix_paths: list[str] = []
-        self.child_env = child_environment(config.child, os.environ)
+        self.scaled = False  # `scale` was used: the number of workers survives reloads
         self.exit_code = 0
-        self.started_at = time.monotonic()
-        self.requests_served = 0
-        self.metrics = Metrics(self)
+        self.os_processes: OsProcesses | None = None
+        if processes is None:
+            processes = self.os_processes = OsProcesses(loop, "", config)
+        self.processes = processes
+        classifier = Classifier(config)
+        self.dispatcher = Dispatcher(config, classifier.rules, loop.time)
+        self.admission = Admission(config, classifier)
+        self.accounting = Accounting(loop.time, config.log.access)
+        self.children = Children(
+            config, processes, self.dispatcher, self.accounting, self, loop
+        )
+        self.context = Context(
+            loop=loop,
+            limits=config.limits,
+            keep_conn=config.child.keep_conn,
+            reconnect_after=config.child.reconnect_after,
+            request_timeout=config.timeouts.request,
+            admission=self.admission,
+            dispatcher=self.dispatcher,
+            children=self.children,
+            accounting=self.accounting,
+        )
+        self.frontend = Frontend(config, self.context, self.status)
+        self._metrics = Metrics(self)
+        self.listeners: Listeners | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin_servers: list[asyncio.AbstractServer] = []
         self.control: ControlServer | None = None
-        self._stopped: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.loop: asyncio.AbstractEventLoop  # set by run(); used on the hot path
+        self._stopped: asyncio.Future[None] = loop.create_future()
+        self._tasks: list[asyncio.Task[None]] = []
 
-    # ------------------------------------------------------------------ running
+    # ------------------------------------------------------------------ what is read
 
-    async def run(self) -> int:
-        self._loop = self.loop = loop = asyncio.get_running_loop()
-        self._stopped = loop.create_future()
-        self._install_signals(loop)
-        _become_subreaper()
-        _raise_file_limit()
-        self.runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
-        tasks = []
-        try:
-            await self._listen(loop)
-            await self._start_admin(loop)
-            self.reconcile()
-            tasks = [
-                loop.create_task(self._sweep()),
-                loop.create_task(self._watch_children()),
-                loop.create_task(self._time_requests()),
-            ]
-            watchdog = systemd.watchdog_interval()
-            if watchdog:
-                tasks.append(loop.create_task(self._watchdog(watchdog)))
-            await self._stopped
-        finally:
-            for task in tasks:
-                task.cancel()
-            if self.control is not None:
-                self.control.close()
-            for server in self.admin_servers:
-                server.close()
-            self._unlink_sockets()
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        logs.flush_access()
-        log.info("pool_stopped", exit_code=self.exit_code)
-        return self.exit_code
+    @property
+    def stopping(self) -> bool:
+        return self.lifecycle in (Lifecycle.DRAINING, Lifecycle.STOPPED)
 
-    def _runtime_base(self) -> str:
-        base = self.config.pool.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "")
-        return base.split(":")[0] or tempfile.gettempdir()
-
-    async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
-        sockets = systemd.inherited_sockets()
-        if sockets:
-            log.info("sockets_inherited", count=len(sockets))
-        else:
-            pool = self.config.pool
-            addresses = self.config.addresses
-            sockets = [
-                bind(address, self.config.socket_mode(), pool.socket_owner, pool.socket_group)
-                for address in addresses
-            ]
-            self.unix_paths = [address.path for address in addresses if address.kind == "unix"]
-        for sock in sockets:
-            sock.setblocking(False)
-            if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(lambda: FrontConnection(self), sock=sock)
-            else:
-                server = await loop.create_server(lambda: FrontConnection(self), sock=sock)
-            self.servers.append(server)
-            log.info("listening", address=_sockname(sock))
-        self.listen_sockets = sockets
-
-    async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.control = ControlServer(self, self.config.control_path())
-        await self.control.start()
-        if self.config.admin.http:
-            address = config_module.Address.parse(self.config.admin.http)
-            if address.kind == "unix":
-                server = await loop.create_unix_server(lambda: HttpAdmin(self), address.path)
-            else:
-                server = await loop.create_server(
-                    lambda: HttpAdmin(self), address.host, address.port, reuse_address=True
-                )
-            self.admin_servers.append(server)  # stays up while the pool drains
-            log.info("admin_http", address=str(address))
-
-    async def _watchdog(self, interval: float) -> None:
-        """systemd kills a pool whose loop stops: ping while the loop turns."""
-        while True:
-            systemd.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+    def now(self) -> float:
+        return self.loop.time()
 
     def uptime(self) -> float:
-        return time.monotonic() - self.started_at
+        return self.loop.time() - self.started_at
 
-    def ready(self) -> bool:
-        return self.readiness()[0]
+    def status(self) -> dict[str, Any]:
+        return snapshot(self)
+
+    def metrics(self) -> bytes:
+        return self._metrics.render()
 
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: enough ready children, room in the queue, pressure under the limit,
         and not stopping."""
         if self.stopping:
             return False, "stopping"
-        ready = self._ready_active()
-        if ready < max(1, min(self.config.admin.min_ready, self.config.pool.workers)):
+        ready = self.children.ready()
+        if ready < max(1, min(self.config.admin.min_ready, self.children.workers)):
             return False, f"{ready} children ready"
         for queue in self.dispatcher.classes.values():
             if queue.max_waiting and len(queue.waiting) >= queue.max_waiting:
                 return False, f"queue of class {queue.name} full"
-        if self.failure_pressure() > self.config.pool.max_failure_pressure:
+        if self.children.failure_pressure() > self.config.pool.max_failure_pressure:
             return False, "failure pressure above the limit"
         return True, f"ready: {ready} children"
 
-    def request_done(self, request: Any) -> None:
-        """Every request ends here once: count it, time it, log it."""
-        now = time.monotonic()
-        started = request.started or now
-        status = request.status or 502
-        self.requests_served += 1
-        self.dispatcher.released(request)
-        duration = now - request.created
-        wait = started - request.created
-        self.metrics.observe(status, request.request_class, duration, wait, request.bytes_out)
-        if self.config.log.access:
-            params = request.params
-            get = params.get
-            request_id = get(b"REQUEST_ID") or get(b"HTTP_X_REQUEST_ID")
-            logs.access((
-                request_id.decode("latin-1") if request_id else str(self.requests_served),
-                get(b"REMOTE_ADDR", b"").decode("latin-1"),
-                get(b"REQUEST_METHOD", b"").decode("latin-1"),
-                request.uri,
-                request.project,
-                request.request_class,
-                request.served_by or None,
-                wait * 1000,
-                duration * 1000,
-                status,
-                request.bytes_out,
-            ))  # fmt: skip
+    def _move(self, lifecycle: Lifecycle) -> None:
+        if lifecycle not in LIFECYCLE[self.lifecycle]:
+            raise RuntimeError(f"pool: {self.lifecycle.value} -> {lifecycle.value}")
+        self.lifecycle = lifecycle
 
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+    # ------------------------------------------------------------------ running
+
+    def start(self) -> None:
+        """Start the children and the periodic checks (no socket: run() binds those)."""
+        self.children.reconcile()
+        self._tasks = [
+            self.loop.create_task(self._every(lambda: TICK, self._tick)),
+            self.loop.create_task(self._every(lambda: SWEEP, self._sweep)),
+            self.loop.create_task(
+                self._every(self._rss_interval, self.children.check_age_and_memory)
+            ),
+        ]
+
+    def _rss_interval(self) -> float:
+        return self.config.child.rss_interval
+
+    async def wait_stopped(self) -> int:
+        await self._stopped
+        for task in self._tasks:
+            task.cancel()
+        logs.flush_access()
+        return self.exit_code
+
+    async def run(self) -> int:
+        """The pool as a process: signals, sockets, admin, children; until stopped."""
+        self._install_signals()
+        _become_subreaper()
+        _raise_file_limit()
+        runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
+        if self.os_processes is not None:
+            self.os_processes.runtime_dir = runtime_dir
+        try:
+            await self._listen()
+            await self._start_admin()
+            self.start()
+            watchdog = systemd.watchdog_interval()
+            if watchdog:
+                self._tasks.append(self.loop.create_task(self._watchdog(watchdog)))
+            return await self.wait_stopped()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self.control is not None:
+                self.control.close()
+            for server in self.admin_servers:
+                server.close()
+            if self.listeners is not None:
+                self.listeners.unlink()
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            log.info("pool_stopped", exit_code=self.exit_code)
+
+    def _runtime_base(self) -> str:
+        base = self.config.pool.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "")
+        return base.split(":")[0] or tempfile.gettempdir()
+
+    async def _listen(self) -> None:
+        self.listeners = Listeners.open(self.config)
+        if self.listeners.inherited:
+            log.info("sockets_inherited", count=len(self.listeners.sockets))
+        for sock in self.listeners.sockets:
+            self.servers.append(await self._serve(sock, self.frontend.connection))
+            log.info("listening", address=describe(sock))
+
+    async def _serve(
+        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
+    ) -> asyncio.AbstractServer:
+        if sock.family == socket.AF_UNIX:
+            return await self.loop.create_unix_server(factory, sock=sock)
+        return await self.loop.create_server(factory, sock=sock)
+
+    async def _start_admin(self) -> None:
+        self.control = ControlServer(self, self.config.control_path())
+        await self.control.start()
+        if self.config.admin.http:
+            address = config_module.Address.parse(self.config.admin.http)
+            sock = bind(address, 0o660)
+            self.admin_servers.append(await self._serve(sock, lambda: HttpAdmin(self)))
+            log.info("admin_http", address=str(address))  # stays up while the pool drains
+
+    async def _watchdog(self, interval: float) -> None:
+        """systemd kills a pool whose loop stops: ping while the loop turns."""
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _every(self, interval: Callable[[], float], action: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(interval())
+            action()
+
+    def _tick(self) -> None:
+        """Requests past their timeout, waits past their queue timeout; the access log."""
+        logs.flush_access()
+        now = self.loop.time()
+        self.dispatcher.expire(now)
+        for request in self.children.requests():
+            request.check_timeout(now)
+        if self.lifecycle is Lifecycle.DRAINING:
+            self._check_drain()
+
+    def _sweep(self) -> None:
+        self.frontend.sweep(self.loop.time())
+        if self.os_processes is not None and self.os_processes.exited is not None:
+            self.children.reap()  # orphans adopted as a subreaper: no pidfd tells of them
+
+    # ------------------------------------------------------------------ children's news
+
+    def children_ready(self) -> None:
+        log.info("pool_ready", workers=self.children.ready())
+        self.notify(f"READY=1\nSTATUS=serving with {self.children.ready()} children")
+        if self.lifecycle is Lifecycle.STARTING:
+            self._move(Lifecycle.RUNNING)
+
+    def children_replaced(self) -> None:
+        if self.lifecycle is Lifecycle.RELOADING:
+            self._move(Lifecycle.RUNNING)
+            log.info("reload_done", reloads=self.reloads)
+            self.notify("READY=1\nSTATUS=reload done")
+
+    def children_gone(self) -> None:
+        if self.lifecycle is Lifecycle.STOPPED and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def failure_pressure_exceeded(self, pressure: float) -> None:
+        limit = self.config.pool.max_failure_pressure
+        log.error("failure_pressure_exceeded", pressure=round(pressure, 3), limit=limit,
+                  exit_code=EXIT_PRESSURE)  # fmt: skip
+        self.exit_code = EXIT_PRESSURE
+        self.handle_quit()
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signals(self) -> None:
         handlers = {
             signal.SIGTERM: self.handle_term,
             signal.SIGINT: self.handle_term,
@@ -255,310 +314,49 @@ class Pool:
             signal.SIGTTOU: self.handle_ttou,
         }
         for signum, handler in handlers.items():
-            loop.add_signal_handler(signum, handler)
+            self.loop.add_signal_handler(signum, handler)
         try:
-            loop.add_signal_handler(signal.SIGCHLD, self.handle_chld)
+            self.loop.add_signal_handler(signal.SIGCHLD, self.handle_chld)
         except RuntimeError:
             # uvloop keeps SIGCHLD for itself: learn of each child's exit from a pidfd
             # instead, and collect adopted orphans once a second.
-            self.pidfd_reaping = True
+            if self.os_processes is not None:
+                self.os_processes.watch_pidfds(self.handle_chld)
             log.info("reaping", method="pidfd")
 
-    def _watch_exit(self, child: Child) -> None:
-        if not self.pidfd_reaping:
-            return
-        fd = os.pidfd_open(child.pid)
-
-        def exited() -> None:
-            self.loop.remove_reader(fd)
-            os.close(fd)
-            self.handle_chld()
-
-        self.loop.add_reader(fd, exited)
-
-    async def _sweep(self) -> None:
-        """Once a second: close connections that stall mid-request."""
-        while True:
-            await asyncio.sleep(1.0)
-            read_timeout = self.config.limits.read_timeout
-            now = time.monotonic()
-            for connection in list(self.connections):
-                if connection.stalled_since(now) > read_timeout:
-                    connection.abort(f"read timeout: no data for {read_timeout:g} s mid-request")
-            if self.stopping:
-                self._maybe_finish_drain()
-            if self.pidfd_reaping:
-                self.handle_chld()  # orphans adopted as a subreaper
-
-    async def _time_requests(self) -> None:
-        """Ten times a second: requests past timeouts.request, and waits past
-        limits.queue_timeout. Cheaper than a timer per request, precise to 0.1 s."""
-        while True:
-            await asyncio.sleep(0.1)
-            logs.flush_access()
-            now = time.monotonic()
-            self.dispatcher.expire(now)
-            for child in self.children:
-                request = child.request
-                if request is not None and request.started + request.timeout < now:
-                    request.timed_out()
-
-    async def _watch_children(self) -> None:
-        """Every rss_interval: recycle children past max_rss or max_lifetime."""
-        while True:
-            await asyncio.sleep(self.config.child.rss_interval)
-            section = self.config.child
-            now = time.monotonic()
-            for child in list(self.children):
-                if child.retiring or child.state not in (State.IDLE, State.BUSY):
-                    continue
-                if section.max_lifetime and now - child.started_at > section.max_lifetime:
-                    self.recycle(child, "max_lifetime")
-                elif section.max_rss and child.rss() > section.max_rss:
-                    self.recycle(child, "max_rss")
-
-    # ------------------------------------------------------------------ children
-
-    def _active(self) -> list[Child]:
-        return [child for child in self.children if not child.retiring]
-
-    def _ready_active(self) -> int:
-        return sum(child.state in (State.IDLE, State.BUSY) for child in self._active())
-
-    def _retiring(self) -> int:
-        return sum(1 for child in self.children if child.retiring)
-
-    def reconcile(self) -> None:
-        """Start children until ``workers`` are active (not being replaced), respecting the
-        respawn backoff; and let a pending reload replace its next batch."""
-        if self.stopping or self._loop is None:
-            return
-        limit = self.config.pool.max_recycling
-        while self.stale and self._retiring() < limit:
-            child = self.stale.pop(0)
-            if child in self.children and not child.retiring and child.state is not State.DEAD:
-                child.retiring = "reload"
-                log.info("child_retiring", pid=child.pid, reason="reload")
-        missing = self.config.pool.workers - len(self._active())
-        if missing <= 0:
-            self._retire_surplus()
-            return
-        delay = self.next_spawn_at - time.monotonic()
-        if delay > 0:
-            if self.respawn_timer is None:
-                log.info("respawn_delayed", seconds=round(delay, 2))
-                self.respawn_timer = self._loop.call_later(delay, self._respawn_due)
-            return
-        for _ in range(missing):
-            if self.stopping:
-                return
-            self._spawn()
-
-    def _respawn_due(self) -> None:
-        self.respawn_timer = None
-        self.reconcile()
-
-    def _spawn(self) -> None:
-        self.generation += 1
-        section = self.config.child
-        child = Child(self.generation, section, self.runtime_dir)
-        child.warmup += self._pinned_warmups()
-        if section.max_requests:
-            child.requests_limit = section.max_requests + random.randint(
-                0, section.max_requests_jitter
-            )
-        self.children.append(child)
-        try:
-            log_section = self.config.log
-            child.spawn(self.child_env, log_section.child_output, log_section.child_output_rate)
-        except (OSError, subprocess.SubprocessError) as error:
-            log.error("child_spawn_failed", error=str(error))
-            child.state = State.DEAD
-            self.children.remove(child)
-            self._failure("spawn failed")
-            self.reconcile()
-            return
-        self.by_pid[child.pid] = child
-        self._watch_exit(child)
-        log.info("child_started", pid=child.pid)
-        child.start_probe(section.start_timeout, self._started)
-
-    def _pinned_warmups(self) -> list[str]:
-        projects = self.config.projects
-        return [
-            projects.pinned_uri.replace("{project}", urllib.parse.quote(project, safe="/"))
-            for project in projects.pinned
-        ]
-
-    def _started(self, child: Child, ok: bool) -> None:
-        """A probe or warm-up answer of a starting child arrived (or failed)."""
-        if child.state is not State.STARTING:
-            return
-        if not ok:
-            log.warning("child_start_failed", pid=child.pid, warmups_done=child.warmups_done)
-            child.stop(self.config.timeouts.kill_grace, failure=True)
-            return
-        warmup = child.warmup
-        if child.warmups_done < len(warmup):
-            uri = warmup[child.warmups_done]
-            child.warmups_done += 1
-            child.start_probe(child.section.start_timeout, self._started, uri=uri)
-            return
-        elapsed = round(time.monotonic() - child.started_at, 3)
-        log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=len(warmup))
-        for project in self.config.projects.pinned:
-            remember(child.projects, project, max(1, self.config.projects.memory))
-        self.failures_in_a_row = 0
-        self._child_free(child)
-        self._retire_surplus()
-        self._announce_ready()
-
-    def _announce_ready(self) -> None:
-        if self.ready_announced or self._ready_active() < self.config.pool.workers:
-            return
-        self.ready_announced = True
-        log.info("pool_ready", workers=self._ready_active())
-        systemd.notify(f"READY=1\nSTATUS=serving with {self._ready_active()} children")
-
-    def _child_free(self, child: Child) -> None:
-        """``child`` can take a request: give it one, or stop it if it is being replaced
-        and its replacements are ready."""
-        if child.retiring and (self.stopping or self._ready_active() >= self.config.pool.workers):
-            self._retire(child)
-            return
-        child.state = State.IDLE
-        self.dispatcher.child_idle(child)
-
-    def _retire_surplus(self) -> None:
-        """Stop the children being replaced once enough replacements are ready."""
-        if self._ready_active() < self.config.pool.workers:
-            return
-        for child in list(self.children):
-            if child.retiring and child.state in (State.IDLE, State.STARTING, State.RECOVERING):
-                self._retire(child)
-
-    def _retire(self, child: Child) -> None:
-        self.dispatcher.forget(child)
-        log.info("child_retired", pid=child.pid, reason=child.retiring)
-        child.stop(self.config.timeouts.kill_grace)
-
-    def recycle(self, child: Child, reason: str) -> None:
-        """Replace ``child``: a replacement starts now; the child serves until it is ready."""
-        if child.retiring or self.stopping or self._retiring() >= self.config.pool.max_recycling:
-            return
-        child.retiring = reason
-        self.restarts[reason] += 1
-        log.info("child_recycling", pid=child.pid, reason=reason)
-        self.reconcile()
-
-    def child_done(self, child: Child, served: bool) -> None:
-        """A request on ``child`` ended cleanly: the child is free for the next one."""
-        if served:
-            child.requests_served += 1
-        if child.state is not State.BUSY:
-            return
-        if not self.config.child.keep_conn and child.connection is not None:
-            child.connection.close()
-        if child.requests_limit and child.requests_served >= child.requests_limit:
-            self.recycle(child, "max_requests")
-        self._child_free(child)
-        if self.stopping:
-            self._maybe_finish_drain()
-
-    def recover(self, child: Child) -> None:
-        """A request was abandoned on ``child``: it is free again once a probe is answered
-        within the cancel timeout; else it is stopped, and that counts as a failure."""
-        if child.state in (State.DEAD, State.STOPPING, State.RECOVERING):
-            return
-        self.dispatcher.forget(child)
-        child.abandon()
-        log.info("child_cancelling", pid=child.pid)
-        child.start_probe(self.config.timeouts.cancel, self._recovered)
-
-    def _recovered(self, child: Child, ok: bool) -> None:
-        if child.state is not State.RECOVERING:
-            return
-        if ok:
-            log.info("child_recovered", pid=child.pid)
-            self._child_free(child)
-            return
-        self.handle_chld()  # a child that died is a crash, not a failed cancel
-        if child.state is State.DEAD:
-            return
-        log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
-        child.exit_reason = "cancel_failed"
-        child.stop(self.config.timeouts.kill_grace, failure=True)
-
     def handle_chld(self) -> None:
-        """The one reaper: every exit status is collected here, children's and orphans'."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.by_pid.pop(pid, None)
-            if child is None:
-                log.info("orphan_reaped", pid=pid, status=describe_status(status))
-                continue
-            self._child_exited(child, status)
+        self.children.reap()
 
-    def _child_exited(self, child: Child, status: int) -> None:
-        failed = child.failure or not child.stop_requested
-        child.reaped(status)
-        self.dispatcher.forget(child)
-        if child in self.children:
-            self.children.remove(child)
-        level = log.warning if failed else log.info
-        level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
-        if failed:
-            reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
-            if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in _OUR_SIGNALS:
-                reason = "crash"  # e.g. SIGSEGV while its failed probe was being handled
-            self.restarts[reason] += 1
-            self._failure(describe_status(status))
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_usr1(self) -> None:
+        logs.reopen()
+        log.info("logs_reopened")
+
+    def handle_ttin(self) -> None:
+        self.scale(self.children.workers + 1)
+
+    def handle_ttou(self) -> None:
+        self.scale(self.children.workers - 1)
+
+    def handle_term(self) -> None:
         if self.stopping:
-            if not self.by_pid:
-                self._finish_stop()
             return
-        self.reconcile()
-        if self.reloading and not self.stale and not self._retiring():
-            self.reloading = False
-            log.info("reload_done", reloads=self.reloads)
-            systemd.notify("READY=1\nSTATUS=reload done")
+        grace = self.config.timeouts.shutdown_grace_period
+        log.info("graceful_stop", grace_period=grace)
+        self._begin_stop()
+        self.loop.call_later(grace, self._end_drain)
+        self._check_drain()
 
-    def _failure(self, reason: str) -> None:
-        now = time.monotonic()
-        window = self.config.pool.failure_window
-        self.failures.append(now)
-        while self.failures and self.failures[0] < now - window:
-            self.failures.popleft()
-        self.failures_in_a_row += 1
-        delay = min(
-            _MAX_BACKOFF, self.config.child.respawn_delay * 2 ** (self.failures_in_a_row - 1)
-        )
-        self.next_spawn_at = now + delay
-        pressure = self.failure_pressure()
-        log.warning("child_failure", reason=reason, pressure=round(pressure, 3))
-        if pressure > self.config.pool.max_failure_pressure and not self.stopping:
-            log.error(
-                "failure_pressure_exceeded",
-                pressure=round(pressure, 3),
-                limit=self.config.pool.max_failure_pressure,
-                exit_code=EXIT_PRESSURE,
-            )
-            self.exit_code = EXIT_PRESSURE
-            self.handle_quit()
+    def handle_quit(self) -> None:
+        log.info("fast_stop")
+        self._begin_stop()
+        self._end_drain()
 
-    def failure_pressure(self) -> float:
-        cutoff = time.monotonic() - self.config.pool.failure_window
-        recent = sum(1 for moment in self.failures if moment >= cutoff)
-        return recent / self.config.pool.workers
+    # ------------------------------------------------------------------ verbs
 
-    # ------------------------------------------------------------------ signals
-
-    def handle_hup(self) -> str:
+    def reload(self) -> str:
         """Re-read the configuration and replace every child, a batch at a time. Returns
         why nothing was done, or an empty string."""
         if self.stopping:
@@ -571,31 +369,35 @@ class Pool:
         if new.pool.bind != self.config.pool.bind:
             log.warning("reload_ignores", key="pool.bind", reason="sockets change on restart")
             new.pool.bind = self.config.pool.bind
-        if self.scaled:
-            new.pool.workers = self.config.pool.workers
-        self.config = new
-        self.child_env = child_environment(new.child, os.environ)
-        self.classifier = Classifier(new)
-        self.dispatcher.configure(new, self.classifier.rules)
-        logs.configure(new.log.format, new.log.level, new.log.file)
+        self._configure(new)
         self.reloads += 1
-        self.reloading = True
-        self.stale = [child for child in self.children if not child.retiring]
-        self.restarts["reload"] += len(self.stale)
-        log.info("reload", children=len(self.stale), reloads=self.reloads)
-        systemd.notify("RELOADING=1")
-        self.reconcile()
+        self._move(Lifecycle.RELOADING)
+        self.notify("RELOADING=1")
+        replaced = self.children.replace_all()
+        log.info("reload", children=replaced, reloads=self.reloads)
+        if not self.children.replacing:
+            self.children_replaced()
         return ""
 
-    def handle_usr1(self) -> None:
-        logs.reopen()
-        log.info("logs_reopened")
-
-    def handle_ttin(self) -> None:
-        self.scale(self.config.pool.workers + 1)
-
-    def handle_ttou(self) -> None:
-        self.scale(self.config.pool.workers - 1)
+    def _configure(self, new: Config) -> None:
+        """Every part follows the new configuration from now on."""
+        self.config = new
+        classifier = Classifier(new)
+        self.dispatcher.configure(new, classifier.rules)
+        self.admission.configure(new, classifier)
+        self.children.configure(new)
+        if not self.scaled:
+            self.children.workers = new.pool.workers
+        if self.os_processes is not None:
+            self.os_processes.configure(new)
+        context = self.context
+        context.limits = new.limits
+        context.keep_conn = new.child.keep_conn
+        context.reconnect_after = new.child.reconnect_after
+        context.request_timeout = new.timeouts.request
+        self.frontend.configure(new)
+        self.accounting.access_log = new.log.access
+        logs.configure(new.log.format, new.log.level, new.log.file)
 
     def scale(self, workers: int) -> str:
         """Run ``workers`` children from now on; returns why not, or an empty string."""
@@ -604,98 +406,51 @@ class Pool:
         reserved = sum(rule.reserved for rule in self.config.classes)
         if not 1 <= workers <= 4096 or (reserved and reserved >= workers):
             return f"{workers} children: need 1..4096 and more than the {reserved} reserved"
-        self.scaled = True  # kept across reloads
-        self.config.pool.workers = workers
+        self.scaled = True
         log.info("scale", workers=workers)
-        surplus = len(self._active()) - workers
-        for child in sorted(self._active(), key=lambda c: c.state is State.BUSY)[: max(0, surplus)]:
-            child.retiring = "scale_down"
-        self.reconcile()
+        self.children.scale(workers)
         return ""
 
-    def handle_term(self) -> None:
-        if self.stopping:
-            return
-        grace = self.config.timeouts.shutdown_grace_period
-        log.info("graceful_stop", grace_period=grace)
-        self._begin_stop()
-        assert self._loop is not None
-        self._loop.call_later(grace, self._end_drain)
-        self._maybe_finish_drain()
-
-    def handle_quit(self) -> None:
-        log.info("fast_stop")
-        self._begin_stop()
-        self._end_drain()
+    def stop(self, fast: bool) -> None:
+        if fast:
+            self.handle_quit()
+        else:
+            self.handle_term()
 
     def _begin_stop(self) -> None:
         """Stop accepting connections, but serve those already in the listen backlog: the
         web server saw their connect succeed."""
-        self.stopping = True
-        systemd.notify("STOPPING=1")
-        self._unlink_sockets()
-        assert self._loop is not None
-        for sock in self.listen_sockets:
-            while True:
-                try:
-                    connection, _ = sock.accept()
-                except OSError:
-                    break
-                self._loop.create_task(
-                    self._loop.connect_accepted_socket(lambda: FrontConnection(self), connection)
-                )
+        if self.stopping:
+            return
+        self._move(Lifecycle.DRAINING)
+        self.notify("STOPPING=1")
+        self.children.hold()
+        self.frontend.draining = True
+        if self.listeners is not None:
+            self.listeners.unlink()
+            for sock in self.listeners.sockets:
+                while True:
+                    try:
+                        connection, _ = sock.accept()
+                    except OSError:
+                        break
+                    self.loop.create_task(
+                        self.loop.connect_accepted_socket(self.frontend.connection, connection)
+                    )
         for server in self.servers:
             server.close()
 
-    def _unlink_sockets(self) -> None:
-        """Remove the socket files we made (not those systemd owns)."""
-        for path in self.unix_paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self.unix_paths = []
-
-    def _maybe_finish_drain(self) -> None:
-        """Close idle connections; once nothing is in flight, stop the children."""
-        now = time.monotonic()
-        busy = self.dispatcher.waiting > 0
-        for connection in list(self.connections):
-            if connection.requests or connection.fresh(now):
-                busy = True
-            else:
-                connection.close_idle()
-        if not busy:
+    def _check_drain(self) -> None:
+        """Close idle connections; once nothing is in flight or waiting, stop."""
+        if not self.frontend.drain(self.loop.time()) and not self.dispatcher.waiting:
             self._end_drain()
 
     def _end_drain(self) -> None:
         """Stop every child; what is still waiting or running gets an answer or a close."""
-        if self._stopped is None or self._stopped.done() or not self.accepting:
+        if self.lifecycle is not Lifecycle.DRAINING:
             return
-        self.accepting = False
+        self._move(Lifecycle.STOPPED)
+        self.frontend.accepting = False
         self.dispatcher.fail_waiting(b"The pool is shutting down\n")
-        for connection in list(self.connections):
-            if connection.requests:
-                connection.abort("pool stopped before the request finished")
-            else:
-                connection.close_idle()
-        for child in list(self.children):
-            child.stop(self.config.timeouts.kill_grace)
-        if not self.by_pid:
-            self._finish_stop()
-
-    def _finish_stop(self) -> None:
-        if self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
-
-    # ------------------------------------------------------------------ protocol helpers
-
-    def get_values(self, names: list[bytes]) -> dict[bytes, bytes]:
-        limit = str(self.config.limits.max_connections).encode()
-        known = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
-        return {name: known[name] for name in names if name in known}
-
-
-def _sockname(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{name}"
-    return f"tcp:{name[0]}:{name[1]}"
+        self.frontend.close_all("pool stopped before the request finished")
+        self.children.stop_all()

@@ -5,6 +5,7 @@ test_qgis_dispatch.py run those)."""
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 
 import pytest
@@ -44,7 +45,7 @@ class FakeRequest:
 def make(overrides: dict | None = None) -> tuple[Dispatcher, Classifier]:
     cfg = config.build(None, overrides or {}, {})
     classifier = Classifier(cfg)
-    return Dispatcher(cfg, classifier.rules), classifier
+    return Dispatcher(cfg, classifier.rules, time.monotonic), classifier
 
 
 def classify(classifier: Classifier, query: str, **params: str) -> str:

@@ -218,7 +218,7 @@ def test_label_values_in_metrics_md_match_the_code(scrape):
     assert exposed_states == states
     reasons = set(backticked(rows["`reason`"]))
     source = "".join(path.read_text() for path in (REPO / "fcgipool").glob("*.py"))
-    counted = set(re.findall(r'restarts\["(\w+)"\]', source))
+    counted = set(re.findall(r'restart(?:s\[|ed\()"(\w+)"', source))
     for pair in re.findall(r'"(\w+)" if \w+\.stop_requested else "(\w+)"', source):
         counted |= set(pair)
     counted |= set(re.findall(r'exit_reason = "(\w+)"', source))

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import wait_for, wsgi_config
 from fcgipool import client, protocol
-from fcgipool.child import SAFE_PATH
+from fcgipool.processes import SAFE_PATH
 
 
 def send_request(address: str, uri: str, method: str = "GET", body: bytes = b"",

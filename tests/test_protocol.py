@@ -605,8 +605,48 @@ def test_server_multiplexed_interleaved_requests() -> None:
     assert conn.feed(data) == expected
     assert conn.active == {1, 2, 3}
     assert feed_all(ServerConnection(), bytewise(data)) == expected
-    conn.end_request(2)
+    assert conn.end(2) == encode_end_request(2)
     assert conn.active == {1, 3}
+    assert conn.end(2) == b"", "an id that is not active is never ended twice"
+
+
+def test_server_encodes_what_ends_a_request_and_frees_its_id() -> None:
+    """respond, relay and end each free the id: a new BEGIN_REQUEST may reuse it at once,
+    and nothing is encoded twice for one request."""
+    conn = ServerConnection()
+    conn.feed(encode_request(1, PARAMS_1, keep_conn=True)[:-8])  # STDIN not ended yet
+    assert conn.active == {1} and conn.receiving == {1}
+    answer = conn.respond(1, 413, b"too large\n")
+    assert answer == encode_response(1, 413, b"too large\n")
+    assert conn.active == set() and conn.receiving == {1}
+    assert conn.respond(1, 503) == b"" and conn.end(1) == b""
+    # What still comes of the ended request's body is dropped; the stream's end is noted.
+    assert conn.feed(rec(STDIN, 1, b"rest of the body") + rec(STDIN, 1)) == []
+    assert conn.receiving == set()
+    begin = encode_begin_request(1, keep_conn=True)
+    assert conn.feed(begin) == [BeginRequest(1, Role.RESPONDER, True)]
+    scanner = ResponseScanner()
+    records, starts, _, end = scanner.feed(encode_response(1, 200, b"ok"))
+    assert end is not None
+    assert conn.relay(1, records, starts, ended=True) == records
+    assert conn.active == set()
+    assert conn.relay(1, records, starts, ended=True) == b""
+
+
+def test_server_relay_retags_records_for_other_ids() -> None:
+    conn = ServerConnection()
+    conn.feed(encode_begin_request(7))
+    records, starts, _, _ = ResponseScanner().feed(encode_response(1, 200, b"ok"))
+    assert conn.relay(7, records, starts, ended=True) == encode_response(7, 200, b"ok")
+
+
+def test_server_abort_ends_the_stream_and_is_dropped_once_answered() -> None:
+    conn = ServerConnection()
+    conn.feed(encode_begin_request(1) + rec(PARAMS, 1))  # a body was to follow
+    assert conn.feed(rec(ABORT, 1)) == [AbortRequest(1)]
+    assert conn.receiving == set(), "the web server sends nothing more of it"
+    assert conn.end(1) == encode_end_request(1)
+    assert conn.feed(rec(ABORT, 1)) == [], "an ABORT for an answered request is dropped"
 
 
 def test_server_get_values() -> None:
@@ -657,7 +697,7 @@ def test_server_abort_active_request() -> None:
     conn.feed(rec(BEGIN, 4, begin_body()) + rec(PARAMS, 4))
     assert conn.feed(rec(ABORT, 4)) == [AbortRequest(4)]
     assert conn.active == {4}  # until the application ends it
-    conn.end_request(4)
+    conn.end(4)
     assert conn.feed(rec(ABORT, 4)) == []
 
 
@@ -720,7 +760,7 @@ def test_server_end_request_lets_the_id_be_reused() -> None:
     assert of(Params, conn.feed(first)) == [Params(1, {b"N": b"1"}, b"\x01\x01N1")]
     with pytest.raises(ProtocolError, match="active request id 1"):
         ServerConnection().feed(first + second)
-    conn.end_request(1)
+    conn.end(1)
     assert conn.active == set()
     events = conn.feed(second)
     assert events[0] == BeginRequest(1, Role.RESPONDER, True)
@@ -731,7 +771,7 @@ def test_server_end_request_lets_the_id_be_reused() -> None:
 def test_server_end_request_drops_partial_params() -> None:
     conn = ServerConnection()
     conn.feed(rec(BEGIN, 1, begin_body()) + rec(PARAMS, 1, b"\x01\x01ab"))
-    conn.end_request(1)
+    conn.end(1)
     assert conn.feed(rec(PARAMS, 1, b"\x01\x01cd") + rec(PARAMS, 1)) == []
     events = conn.feed(rec(BEGIN, 1, begin_body()) + rec(PARAMS, 1, b"\x01\x01ef") + rec(PARAMS, 1))
     assert events[1] == Params(1, {b"e": b"f"}, b"\x01\x01ef")
@@ -739,7 +779,7 @@ def test_server_end_request_drops_partial_params() -> None:
 
 def test_server_end_request_of_unknown_id_is_harmless() -> None:
     conn = ServerConnection()
-    conn.end_request(42)
+    conn.end(42)
     assert conn.feed(rec(BEGIN, 42, begin_body())) == [BeginRequest(42, 1, False)]
 
 
@@ -1319,7 +1359,7 @@ def test_request_round_trip(
     assert stdin_body(events, request_id) == body
     assert conn.active == {request_id}
     # The same connection can carry the id again once the request was ended.
-    conn.end_request(request_id)
+    conn.end(request_id)
     assert feed_all(conn, chunks(data, cuts[::-1])) == events
 
 
@@ -1733,7 +1773,7 @@ def test_fuzz_well_framed_records(records, cuts, max_params, ended) -> None:
             events = conn.feed(piece)
             assert all(isinstance(e, EVENT_TYPES) for e in events)
             if i < len(ended):  # the application ends requests between reads
-                conn.end_request(ended[i])
+                conn.end(ended[i])
     except ProtocolError:
         pass
     feed_only_protocol_errors(ClientConnection(), chunks(data, cuts))

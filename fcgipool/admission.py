@@ -1,0 +1,67 @@
+"""Admission: what a request is, and whether it may wait for a child.
+
+Once its PARAMS (and the head of a small POST body) are in, a request gets its class and
+that class's timeout, and its project: a project outside ``projects.allowed_roots`` is
+refused with a 403 and never reaches a child; an alias of ``projects.search_paths`` is
+rewritten to the real file. Whether it then waits or is refused for lack of room is the
+dispatcher's (dispatch.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import logs
+from .classify import Classifier, ogc_from_body
+from .protocol import encode_pairs
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .request import Request
+
+log = logs.get("fcgipool.admission")
+
+BODY_LIMIT = 65536  # POST bodies up to this size are read to classify them
+Refusal = tuple[int, bytes]
+
+
+class Admission:
+    def __init__(self, config: Config, classifier: Classifier) -> None:
+        self.body_limit = BODY_LIMIT
+        self.configure(config, classifier)
+
+    def configure(self, config: Config, classifier: Classifier) -> None:
+        self.classifier = classifier
+        default = config.timeouts.request
+        self.timeouts = {
+            rule.name: rule.spec.request_timeout or default for rule in classifier.rules
+        }
+
+    def wants_body(self, params: dict[bytes, bytes], length: int) -> bool:
+        """A small POST may carry its OGC request in the body: read it before deciding."""
+        return params.get(b"REQUEST_METHOD") == b"POST" and 0 < length <= self.body_limit
+
+    def admit(self, request: Request, body: bytes | None) -> Refusal | None:
+        """Classify ``request`` and check its project; a refusal is (status, body)."""
+        classifier = self.classifier
+        params = request.params
+        ogc, rule = classifier.of_query(params)
+        if body and not ("SERVICE" in ogc and "REQUEST" in ogc):
+            content_type = params.get(b"CONTENT_TYPE", b"").decode("latin-1").lower()
+            ogc = {**ogc_from_body(body, content_type, classifier.wanted), **ogc}
+            rule = classifier.classify(ogc, params)
+        request.request_class = rule.name
+        request.timeout = self.timeouts[rule.name]
+        project = classifier.project(ogc, params)
+        if not project:
+            return None
+        check = classifier.check(project)
+        request.project = project
+        if not check.allowed:
+            log.warning("project_refused", project=project, uri=request.uri)
+            return 403, b"This project is not served here\n"
+        if check.path:
+            request.params = classifier.rewrite(params, ogc, check.path)
+            request.raw_params = encode_pairs(request.params.items())
+            request.project = check.path
+        return None

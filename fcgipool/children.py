@@ -1,0 +1,543 @@
+"""The children's life cycle; the only writer of a child's state.
+
+Spawn, probe and warm up until ready; hand to a request and take back; recover after an
+abandoned request; retire, recycle (requests, memory, age), replace on reload, scale; reap
+(every exit status arrives through :meth:`Children.reap`); respawn with backoff. Failures
+(crashes, kills after a timeout, failed starts) within a window, over the number of
+workers, make the failure pressure; above its limit the supervisor is told, and exits.
+
+Every move of a child's state is checked against :data:`TRANSITIONS`. What a process is
+(fork, exec, signals, waitpid) is behind :class:`Processes`: the real one is
+processes.OsProcesses, the in-process tests use a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+import subprocess
+import urllib.parse
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
+
+from . import logs
+from .child import Child, ChildConnection, State
+from .client import cgi_params, response_status
+from .processes import describe_status
+from .protocol import EndRequest, RecordType, encode_record, encode_request, stdout_content
+
+if TYPE_CHECKING:
+    from .accounting import Accounting
+    from .config import Config
+    from .request import Request
+
+log = logs.get("fcgipool.children")
+
+MAX_BACKOFF = 30.0
+_OUR_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what the pool sends to stop a child
+_PROBE_HEAD = 4096
+_ABORT = encode_record(RecordType.ABORT_REQUEST, 1)
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
+    State.IDLE: frozenset({State.BUSY, State.STOPPING, State.DEAD}),
+    State.BUSY: frozenset({State.IDLE, State.RECOVERING, State.STOPPING, State.DEAD}),
+    State.RECOVERING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
+    State.STOPPING: frozenset({State.DEAD}),
+    State.DEAD: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A move the table does not allow: a bug in the pool."""
+
+
+class Processes(Protocol):
+    """What the life cycle needs of the operating system."""
+
+    def spawn(self, child: Child) -> None: ...
+    async def connect(
+        self, child: Child, factory: Callable[[], ChildConnection]
+    ) -> ChildConnection: ...
+    def signal(self, child: Child, signum: int) -> None: ...
+    def reap(self) -> list[tuple[int, int]]: ...
+    def forget(self, child: Child) -> None: ...
+    def rss(self, child: Child) -> int: ...
+    def cpu_percent(self, child: Child) -> float: ...
+
+
+class Dispatcher(Protocol):
+    """The dispatcher, as the life cycle sees it: where free children go."""
+
+    def child_ready(self, child: Child) -> None: ...
+    def child_idle(self, child: Child) -> None: ...
+    def forget(self, child: Child) -> None: ...
+
+
+class Events(Protocol):
+    """The supervisor, as the life cycle sees it."""
+
+    def children_ready(self) -> None:
+        """Every worker is ready (the first time, or again after a reload)."""
+
+    def children_replaced(self) -> None:
+        """A reload replaced its last child."""
+
+    def children_gone(self) -> None:
+        """Stopping, and the last child was reaped."""
+
+    def failure_pressure_exceeded(self, pressure: float) -> None: ...
+
+
+class Probe:
+    """A real request whose complete answer proves a child is free and alive.
+
+    With ``check_status`` (warm-up requests) an answer of 500 or more is a failure too.
+    """
+
+    def __init__(
+        self,
+        child: Child,
+        done: Callable[[Child, bool], None],
+        check_status: bool,
+        timer: Callable[[Callable[[bool], None], bool], asyncio.TimerHandle],
+    ) -> None:
+        self.child, self.done, self.check_status = child, done, check_status
+        self.head = b""
+        self.finished = False
+        self.timer = timer(self._finish, False)  # no answer in time: a failure
+
+    def _finish(self, ok: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.timer.cancel()
+            self.done(self.child, ok)
+
+    def on_output(
+        self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
+    ) -> None:
+        if self.check_status and len(self.head) < _PROBE_HEAD:
+            self.head += stdout_content(records, starts)
+        if end is not None:
+            self._finish(not self.check_status or response_status(self.head) < 500)
+
+    def on_lost(self) -> None:
+        self._finish(False)
+
+    def pause_sending(self) -> None:
+        pass
+
+    def resume_sending(self) -> None:
+        pass
+
+
+def _move(child: Child, state: State) -> None:
+    if state not in TRANSITIONS[child.state]:
+        raise IllegalTransition(f"child {child.number}: {child.state.value} -> {state.value}")
+    child.state = state
+
+
+class Children:
+    """The pool's children and everything that happens to them."""
+
+    def __init__(
+        self,
+        config: Config,
+        processes: Processes,
+        dispatcher: Dispatcher,
+        accounting: Accounting,
+        events: Events,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.processes = processes
+        self.dispatcher = dispatcher
+        self.accounting = accounting
+        self.events = events
+        self.loop = loop
+        self.all: list[Child] = []
+        self.by_pid: dict[int, Child] = {}
+        self.started = 0  # children spawned so far; numbers them
+        self.workers = config.pool.workers
+        self.stale: list[Child] = []  # children a reload has yet to replace
+        self.replacing = False  # a reload is under way
+        self.stopping = False
+        self.ready_announced = False
+        self.failures: collections.deque[float] = collections.deque()
+        self.failures_in_a_row = 0
+        self.next_spawn_at = 0.0
+        self.respawn_timer: asyncio.TimerHandle | None = None
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """What the next children and the next decisions follow (a reload changes it)."""
+        self.config = config
+        projects = config.projects
+        self.warmup = list(config.child.warmup) + [
+            projects.pinned_uri.replace("{project}", urllib.parse.quote(project, safe="/"))
+            for project in projects.pinned
+        ]
+
+    # ------------------------------------------------------------------ views
+
+    def active(self) -> list[Child]:
+        """Children that are not being replaced."""
+        return [child for child in self.all if not child.retiring]
+
+    def ready(self) -> int:
+        serving = (State.IDLE, State.BUSY)
+        return sum(child.state in serving for child in self.all if not child.retiring)
+
+    def retiring(self) -> int:
+        return sum(1 for child in self.all if child.retiring)
+
+    def requests(self) -> list[Request]:
+        """The requests children have now."""
+        return [child.request for child in self.all if child.request is not None]
+
+    def failure_pressure(self) -> float:
+        cutoff = self.loop.time() - self.config.pool.failure_window
+        return sum(1 for moment in self.failures if moment >= cutoff) / self.workers
+
+    def rss(self, child: Child) -> int:
+        return self.processes.rss(child)
+
+    def cpu_percent(self, child: Child) -> float:
+        return self.processes.cpu_percent(child)
+
+    # ------------------------------------------------------------------ starting
+
+    def reconcile(self) -> None:
+        """Start children until ``workers`` are active (not being replaced), respecting the
+        respawn backoff; and let a pending reload replace its next batch."""
+        if self.stopping:
+            return
+        limit = self.config.pool.max_recycling
+        while self.stale and self.retiring() < limit:
+            child = self.stale.pop(0)
+            if child in self.all and not child.retiring and child.state is not State.DEAD:
+                child.retiring = "reload"
+                log.info("child_retiring", pid=child.pid, reason="reload")
+        missing = self.workers - len(self.active())
+        if missing <= 0:
+            self._retire_surplus()
+            return
+        delay = self.next_spawn_at - self.loop.time()
+        if delay > 0:
+            if self.respawn_timer is None:
+                log.info("respawn_delayed", seconds=round(delay, 2))
+                self.respawn_timer = self.loop.call_later(delay, self._respawn_due)
+            return
+        for _ in range(missing):
+            if self.stopping:
+                return
+            self._spawn()
+
+    def _respawn_due(self) -> None:
+        self.respawn_timer = None
+        self.reconcile()
+
+    def _spawn(self) -> None:
+        self.started += 1
+        section = self.config.child
+        child = Child(self.started, list(self.warmup), self.loop.time())
+        if section.max_requests:
+            child.requests_limit = section.max_requests + random.randint(
+                0, section.max_requests_jitter
+            )
+        try:
+            self.processes.spawn(child)
+        except (OSError, subprocess.SubprocessError) as error:
+            log.error("child_spawn_failed", error=str(error))
+            self._failure("spawn failed")
+            self.reconcile()
+            return
+        self.all.append(child)
+        self.by_pid[child.pid] = child
+        log.info("child_started", pid=child.pid)
+        self._probe(child, section.start_timeout, section.probe_uri, False, self._on_started)
+
+    def _on_started(self, child: Child, ok: bool) -> None:
+        """A probe or warm-up answer of a starting child arrived (or failed)."""
+        if child.state is not State.STARTING:
+            return
+        if not ok:
+            log.warning("child_start_failed", pid=child.pid, warmups_done=child.warmups_done)
+            self._stop(child, failure=True)
+            return
+        if child.warmups_done < len(child.warmup):
+            uri = child.warmup[child.warmups_done]
+            child.warmups_done += 1
+            self._probe(child, self.config.child.start_timeout, uri, True, self._on_started)
+            return
+        elapsed = round(self.loop.time() - child.started_at, 3)
+        log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=len(child.warmup))
+        self.failures_in_a_row = 0
+        self.dispatcher.child_ready(child)
+        self._free(child)
+        self._retire_surplus()
+        if not self.ready_announced and self.ready() >= self.workers:
+            self.ready_announced = True
+            self.events.children_ready()
+
+    def _probe(
+        self,
+        child: Child,
+        timeout: float,
+        uri: str,
+        check_status: bool,
+        done: Callable[[Child, bool], None],
+    ) -> None:
+        """Send a probe (or a warm-up request) on a fresh connection; ``done(child, ok)``
+        follows within ``timeout``."""
+        probe = Probe(child, done, check_status, partial(self.loop.call_later, timeout))
+        params = cgi_params(uri, extra={"HTTP_USER_AGENT": "fcgipool-probe"})
+        self.loop.create_task(self._send_probe(probe, encode_request(1, params, keep_conn=True)))
+
+    async def _send_probe(self, probe: Probe, data: bytes) -> None:
+        connection = await self.connect(probe.child)
+        if connection is None:
+            probe.on_lost()
+            return
+        connection.handler = probe
+        connection.write(data)
+
+    async def connect(self, child: Child) -> ChildConnection | None:
+        """A new connection to ``child``, replacing any previous one; None if it is gone."""
+        old = child.drop_connection()
+        if old is not None:
+            old.close()
+        factory = partial(ChildConnection, child, self._misbehaved, self.loop.time)
+        try:
+            connection = await self.processes.connect(child, factory)
+        except OSError as error:
+            log.warning("child_connect_failed", pid=child.pid, error=str(error))
+            return None
+        if child.state in (State.DEAD, State.STOPPING):
+            connection.close()
+            return None
+        child.connection = connection
+        return connection
+
+    # ------------------------------------------------------------------ serving
+
+    def assign(self, child: Child, request: Request) -> None:
+        _move(child, State.BUSY)
+        child.request = request
+
+    def release(self, child: Child, served: bool) -> None:
+        """The request on ``child`` ended cleanly: the child is free for the next one."""
+        child.request = None
+        if served:
+            child.requests_served += 1
+        if child.state is not State.BUSY:
+            return
+        if not self.config.child.keep_conn:
+            self._close_connection(child)
+        if child.requests_limit and child.requests_served >= child.requests_limit:
+            self.recycle(child, "max_requests")
+        self._free(child)
+
+    def abandon(self, child: Child) -> None:
+        """A request was given up on ``child`` (timeout, client gone, connection lost): it
+        is told to stop, and it is free again once a probe is answered within the cancel
+        timeout; else it is stopped, and that counts as a failure."""
+        child.request = None
+        if child.state is not State.BUSY:
+            return
+        connection = child.drop_connection()
+        if connection is not None and not connection.closed:
+            connection.write(_ABORT)
+            connection.close()
+        _move(child, State.RECOVERING)
+        log.info("child_cancelling", pid=child.pid)
+        self._probe(child, self.config.timeouts.cancel, self.config.child.probe_uri, False,
+                    self._on_recovered)  # fmt: skip
+
+    def _on_recovered(self, child: Child, ok: bool) -> None:
+        if child.state is not State.RECOVERING:
+            return
+        if ok:
+            log.info("child_recovered", pid=child.pid)
+            self._free(child)
+            return
+        self.reap()  # a child that died is a crash, not a failed cancel
+        if child.state is State.DEAD:
+            return
+        log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
+        child.exit_reason = "cancel_failed"
+        self._stop(child, failure=True)
+
+    def _free(self, child: Child) -> None:
+        """``child`` can take a request: give it one, or stop it if it is being replaced
+        and its replacements are ready."""
+        if child.retiring and (self.stopping or self.ready() >= self.workers):
+            self._retire(child)
+            return
+        _move(child, State.IDLE)
+        self.dispatcher.child_idle(child)
+
+    def _misbehaved(self, child: Child) -> None:
+        """The child wrote something that is not FastCGI: it cannot be trusted again."""
+        log.warning("child_misbehaved", pid=child.pid)
+        self._kill(child, failure=True)
+
+    # ------------------------------------------------------------------ replacing
+
+    def recycle(self, child: Child, reason: str) -> None:
+        """Replace ``child``: a replacement starts now; the child serves until it is ready."""
+        if child.retiring or self.stopping or self.retiring() >= self.config.pool.max_recycling:
+            return
+        child.retiring = reason
+        self.accounting.restarted(reason)
+        log.info("child_recycling", pid=child.pid, reason=reason)
+        self.reconcile()
+
+    def check_age_and_memory(self) -> None:
+        """Recycle children past child.max_lifetime or child.max_rss (every rss_interval)."""
+        section = self.config.child
+        now = self.loop.time()
+        for child in list(self.all):
+            if child.retiring or child.state not in (State.IDLE, State.BUSY):
+                continue
+            if section.max_lifetime and now - child.started_at > section.max_lifetime:
+                self.recycle(child, "max_lifetime")
+            elif section.max_rss and self.processes.rss(child) > section.max_rss:
+                self.recycle(child, "max_rss")
+
+    def replace_all(self) -> int:
+        """Replace every child, a batch at a time (a reload); returns how many."""
+        self.stale = self.active()
+        self.replacing = bool(self.stale)
+        self.accounting.restarted("reload", len(self.stale))
+        self.reconcile()
+        return len(self.stale)
+
+    def scale(self, workers: int) -> None:
+        """Run ``workers`` children from now on; the idle ones go first."""
+        self.workers = workers
+        active = self.active()
+        surplus = len(active) - workers
+        for child in sorted(active, key=lambda c: c.state is State.BUSY)[: max(0, surplus)]:
+            child.retiring = "scale_down"
+        self.reconcile()
+
+    def _retire_surplus(self) -> None:
+        """Stop the children being replaced once enough replacements are ready."""
+        if self.ready() < self.workers:
+            return
+        for child in list(self.all):
+            if child.retiring and child.state in (State.IDLE, State.STARTING, State.RECOVERING):
+                self._retire(child)
+
+    def _retire(self, child: Child) -> None:
+        log.info("child_retired", pid=child.pid, reason=child.retiring)
+        self._stop(child)
+
+    # ------------------------------------------------------------------ stopping
+
+    def hold(self) -> None:
+        """No child is started from now on (the pool is stopping)."""
+        self.stopping = True
+        if self.respawn_timer is not None:
+            self.respawn_timer.cancel()
+            self.respawn_timer = None
+
+    def stop_all(self) -> None:
+        """Every child is asked to stop; none is started again."""
+        self.hold()
+        for child in list(self.all):
+            self._stop(child)
+        if not self.by_pid:
+            self.events.children_gone()
+
+    def _stop(self, child: Child, failure: bool = False) -> None:
+        """SIGTERM, then SIGKILL after kill_grace if it still lives. A death by any signal
+        after this is a normal stop unless ``failure``."""
+        if child.state in (State.DEAD, State.STOPPING):
+            child.failure = child.failure or failure
+            return
+        self._stopping(child, failure)
+        self.processes.signal(child, signal.SIGTERM)
+        self.loop.call_later(self.config.timeouts.kill_grace, self._kill_if_alive, child)
+
+    def _kill(self, child: Child, failure: bool) -> None:
+        if child.state is State.DEAD:
+            return
+        if child.state is not State.STOPPING:
+            self._stopping(child, failure)
+        child.failure = child.failure or failure
+        self.processes.signal(child, signal.SIGKILL)
+
+    def _stopping(self, child: Child, failure: bool) -> None:
+        child.stop_requested = True
+        child.failure = child.failure or failure
+        _move(child, State.STOPPING)
+        self.dispatcher.forget(child)
+        self._close_connection(child)
+
+    def _kill_if_alive(self, child: Child) -> None:
+        if child.state is not State.DEAD:
+            log.warning("child_kill", pid=child.pid, reason="still alive after SIGTERM")
+            self.processes.signal(child, signal.SIGKILL)
+
+    def _close_connection(self, child: Child) -> None:
+        """Close the child's connection; whoever was using it learns it is lost."""
+        connection = child.drop_connection()
+        if connection is not None:
+            handler, connection.handler = connection.handler, None
+            connection.close()
+            if handler is not None:
+                handler.on_lost()
+
+    # ------------------------------------------------------------------ exits
+
+    def reap(self) -> None:
+        """The one reaper: every exit status is collected here, children's and orphans'."""
+        for pid, status in self.processes.reap():
+            child = self.by_pid.pop(pid, None)
+            if child is None:
+                log.info("orphan_reaped", pid=pid, status=describe_status(status))
+            else:
+                self._exited(child, status)
+
+    def _exited(self, child: Child, status: int) -> None:
+        failed = child.failure or not child.stop_requested
+        _move(child, State.DEAD)
+        self.dispatcher.forget(child)
+        self._close_connection(child)
+        self.processes.forget(child)
+        self.all.remove(child)
+        level = log.warning if failed else log.info
+        level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
+        if failed:
+            reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in _OUR_SIGNALS:
+                reason = "crash"  # e.g. SIGSEGV while its failed probe was being handled
+            self.accounting.restarted(reason)
+            self._failure(describe_status(status))
+        if self.stopping:
+            if not self.by_pid:
+                self.events.children_gone()
+            return
+        self.reconcile()
+        if self.replacing and not self.stale and not self.retiring():
+            self.replacing = False
+            self.events.children_replaced()
+
+    def _failure(self, reason: str) -> None:
+        now = self.loop.time()
+        self.failures.append(now)
+        while self.failures and self.failures[0] < now - self.config.pool.failure_window:
+            self.failures.popleft()
+        self.failures_in_a_row += 1
+        delay = self.config.child.respawn_delay * 2 ** (self.failures_in_a_row - 1)
+        delay = min(MAX_BACKOFF, delay)
+        self.next_spawn_at = now + delay
+        pressure = self.failure_pressure()
+        log.warning("child_failure", reason=reason, pressure=round(pressure, 3))
+        if pressure > self.config.pool.max_failure_pressure and not self.stopping:
+            self.events.failure_pressure_exceeded(pressure)

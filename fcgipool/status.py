@@ -1,0 +1,111 @@
+"""The read-only view of the pool, and the status document made from it.
+
+The status document (``snapshot``) is a public contract, documented in docs/status.md:
+fields are added, never renamed or removed. It is what `fcgipool status --json` prints,
+what admin.status_path and the HTTP /status.json answer; metrics.py reads the same view.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import __version__
+from .child import State
+
+if TYPE_CHECKING:
+    from .accounting import Accounting
+    from .children import Children
+    from .config import Config
+    from .dispatch import Dispatcher
+    from .frontend import Frontend
+
+STATUS_VERSION = 1
+
+
+class PoolView(Protocol):
+    """What status and metrics read of the pool (the supervisor is one)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def config_path(self) -> str | None: ...
+    @property
+    def children(self) -> Children: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def accounting(self) -> Accounting: ...
+    @property
+    def frontend(self) -> Frontend: ...
+    @property
+    def reloads(self) -> int: ...
+    @property
+    def stopping(self) -> bool: ...
+    def now(self) -> float: ...
+    def uptime(self) -> float: ...
+    def readiness(self) -> tuple[bool, str]: ...
+
+
+def child_counts(children: Children) -> dict[str, int]:
+    counts = {state.value: 0 for state in State if state is not State.DEAD}
+    for child in children.all:
+        if child.state is not State.DEAD:
+            counts[child.state.value] += 1
+    return counts
+
+
+def snapshot(pool: PoolView) -> dict[str, Any]:
+    """The pool and one row per child, as `fcgipool status --json` prints it."""
+    now = pool.now()
+    children = pool.children
+    rows = []
+    for child in children.all:
+        if child.state is State.DEAD:
+            continue
+        request = child.request
+        rows.append(
+            {
+                "pid": child.pid,
+                "state": child.state.value,
+                "requests": child.requests_served,
+                "request": None
+                if request is None
+                else {
+                    "method": request.params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
+                    "uri": request.uri,
+                    "elapsed": round(now - (request.started or now), 3),
+                },
+                "rss": children.rss(child),
+                "cpu_percent": children.cpu_percent(child),
+                "age": round(now - child.started_at, 3),
+                "retiring": child.retiring or None,
+                "projects": list(child.projects),
+            }
+        )
+    dispatcher = pool.dispatcher
+    return {
+        "version": STATUS_VERSION,
+        "pool": {
+            "pid": os.getpid(),
+            "fcgipool": __version__,
+            "uptime": round(pool.uptime(), 3),
+            "generation": pool.reloads,
+            "config_file": pool.config_path,
+            "workers": children.workers,
+            "children": child_counts(children),
+            "queue_length": dispatcher.waiting,
+            "classes": {
+                queue.name: {"waiting": len(queue.waiting), "running": queue.running}
+                for queue in dispatcher.by_priority
+            },
+            "max_waiting": pool.config.limits.max_waiting,
+            "connections": len(pool.frontend.connections),
+            "requests_served": pool.accounting.requests_served,
+            "failure_pressure": round(children.failure_pressure(), 4),
+            "max_failure_pressure": pool.config.pool.max_failure_pressure,
+            "stopping": pool.stopping,
+            "ready": pool.readiness()[0],
+        },
+        "children": rows,
+    }
