@@ -365,7 +365,7 @@ class Children:
             self._free(child)
             return
         self.reap()  # a child that died is a crash, not a failed cancel
-        if child.state is State.DEAD:
+        if child.pid not in self.by_pid:
             return
         log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
         child.exit_reason = "cancel_failed"

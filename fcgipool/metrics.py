@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .accounting import Accounting
     from .status import PoolView
 
-disable_created_metrics()  # *_created samples only add noise to a scrape
+# *_created samples only add noise to a scrape
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

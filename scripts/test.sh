@@ -31,5 +31,7 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check fcgipool tests bench
+echo "== mypy"
+.venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
