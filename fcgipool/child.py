@@ -8,12 +8,12 @@ the facts both share, and the protocol that reads what a child sends.
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from . import logs
+from .machine import StateEnum
 from .protocol import EndRequest, ProtocolError, ResponseScanner
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logs.get("fcgipool.child")
 
 
-class State(enum.Enum):
+class State(StateEnum):
     STARTING = "starting"  # spawned, readiness probe or warm-up not answered yet
     IDLE = "idle"  # ready, no request
     BUSY = "busy"  # serving a request

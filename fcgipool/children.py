@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import logs
 from .child import Child, ChildConnection, State
 from .client import cgi_params, response_status
+from .machine import IllegalTransition
 from .processes import describe_status
 from .protocol import EndRequest, RecordType, encode_record, encode_request, stdout_content
 
@@ -50,10 +51,6 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.STOPPING: frozenset({State.DEAD}),
     State.DEAD: frozenset(),
 }
-
-
-class IllegalTransition(RuntimeError):
-    """A move the table does not allow: a bug in the pool."""
 
 
 class Processes(Protocol):

@@ -23,7 +23,6 @@ Past the request timeout the web server gets a 504 at once and the child is canc
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 from . import logs
 from .child import State as ChildState
 from .client import response_status
+from .machine import IllegalTransition, StateEnum
 from .protocol import (
     EndRequest,
     RecordType,
@@ -62,7 +62,7 @@ ABORTED = 499  # nginx's code for a request whose client went away
 _HEAD_LIMIT = 8192  # the CGI headers are read from this much of the first output, not all
 
 
-class State(enum.Enum):
+class State(StateEnum):
     RECEIVING = "receiving"  # PARAMS (and the head of a small POST body) still arriving
     QUEUED = "queued"  # admitted, waiting for a free child
     CONNECTING = "connecting"  # a child is chosen, a connection to it is being made
@@ -71,7 +71,7 @@ class State(enum.Enum):
     DONE = "done"  # ended, one way or another
 
 
-class Event(enum.Enum):
+class Event(StateEnum):
     ADMIT = "admit"  # classified and allowed: it waits for a child
     ASSIGN = "assign"  # the dispatcher gave it a child
     CONNECT = "connect"  # its bytes go out on a connection to the child
@@ -100,11 +100,7 @@ MACHINE: dict[State, dict[Event, State]] = {
 }
 
 
-class IllegalTransition(RuntimeError):
-    """A move the state table does not allow: a bug in the pool."""
-
-
-class Reply(enum.Enum):
+class Reply(StateEnum):
     """How the web server learns that a request ended."""
 
     CHILD = "child"  # the child's END_REQUEST was relayed

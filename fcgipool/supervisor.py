@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import enum
 import os
 import resource
 import shutil
@@ -36,6 +35,7 @@ from .config import Config
 from .dispatch import Dispatcher
 from .frontend import Frontend
 from .listeners import Listeners, bind, describe
+from .machine import IllegalTransition, StateEnum
 from .metrics import Metrics
 from .processes import OsProcesses
 from .request import Context
@@ -49,7 +49,7 @@ TICK = 0.1  # request timeouts, queue timeouts and the access log, checked this 
 SWEEP = 1.0  # stalled connections, orphans (pidfd reaping)
 
 
-class Lifecycle(enum.Enum):
+class Lifecycle(StateEnum):
     STARTING = "starting"  # children are starting; requests are taken and wait
     RUNNING = "running"
     RELOADING = "reloading"  # a reload is replacing the children
@@ -168,7 +168,7 @@ class Pool:
 
     def _move(self, lifecycle: Lifecycle) -> None:
         if lifecycle not in LIFECYCLE[self.lifecycle]:
-            raise RuntimeError(f"pool: {self.lifecycle.value} -> {lifecycle.value}")
+            raise IllegalTransition(f"pool: {self.lifecycle.value} -> {lifecycle.value}")
         self.lifecycle = lifecycle
 
     # ------------------------------------------------------------------ running
