@@ -7,18 +7,12 @@ middle of a request closes that one connection, with a log line; everyone else i
 from __future__ import annotations
 
 import asyncio
-import grp
 import json
-import os
-import pwd
-import socket
-import stat
 import time
 from typing import TYPE_CHECKING
 
 from . import logs
 from .admin import snapshot
-from .config import Address
 from .protocol import (
     AbortRequest,
     BeginRequest,
@@ -215,46 +209,3 @@ class FrontConnection(asyncio.Protocol):
             self, event.request_id, event.keep_conn, self.pool
         )
 
-
-def _lookup_ids(owner: str, group: str) -> tuple[int, int]:
-    uid = pwd.getpwnam(owner).pw_uid if owner else -1
-    gid = grp.getgrnam(group).gr_gid if group else -1
-    return uid, gid
-
-
-def bind(address: Address, mode: int, owner: str, group: str) -> socket.socket:
-    """A listening socket for ``address``; a stale unix socket file is replaced, a live
-    one (another pool answers on it) is an error."""
-    if address.kind == "tcp":
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((address.host, address.port))
-    else:
-        path = address.path
-        if os.path.exists(path):
-            if not stat.S_ISSOCK(os.stat(path).st_mode):
-                raise OSError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)
-            else:
-                raise OSError(f"{path} is in use by a running process")
-            finally:
-                probe.close()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        uid, gid = _lookup_ids(owner, group)
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        os.chmod(path, mode)
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock

@@ -28,13 +28,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import config as config_module
-from . import logs, systemd
+from . import listeners, logs, systemd
 from .admin import ControlServer, HttpAdmin
 from .child import Child, State, child_environment
 from .classify import Classifier
 from .config import Config
 from .dispatch import Dispatcher, remember
-from .frontend import FrontConnection, bind
+from .frontend import FrontConnection
 from .metrics import Metrics
 
 log = logs.get("fcgipool.supervisor")
@@ -102,7 +102,8 @@ class Pool:
         self.servers: list[asyncio.AbstractServer] = []
         self.listen_sockets: list[socket.socket] = []
         self.admin_servers: list[asyncio.AbstractServer] = []
-        self.unix_paths: list[str] = []
+        self.listeners = listeners.Listeners()  # the pool sockets
+        self.admin_listeners = listeners.Listeners()  # admin.http
         self.child_env = child_environment(config.child, os.environ)
         self.exit_code = 0
         self.started_at = time.monotonic()
@@ -121,7 +122,12 @@ class Pool:
         self._install_signals(loop)
         _become_subreaper()
         _raise_file_limit()
-        self.runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
+        base = self._runtime_base()
+        try:
+            self.runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=base)
+        except OSError as error:
+            why = error.strerror or str(error)
+            raise OSError(f"pool.runtime_dir: cannot create a directory in {base}: {why}") from None
         tasks = []
         try:
             await self._listen(loop)
@@ -144,6 +150,7 @@ class Pool:
             for server in self.admin_servers:
                 server.close()
             self._unlink_sockets()
+            self.admin_listeners.unlink()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         logs.flush_access()
         log.info("pool_stopped", exit_code=self.exit_code)
@@ -154,40 +161,24 @@ class Pool:
         return base.split(":")[0] or tempfile.gettempdir()
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
-        sockets = systemd.inherited_sockets()
-        if sockets:
+        self.listeners = listeners.Listeners.open(self.config)
+        sockets = self.listeners.sockets
+        if self.listeners.inherited:
             log.info("sockets_inherited", count=len(sockets))
-        else:
-            pool = self.config.pool
-            addresses = self.config.addresses
-            sockets = [
-                bind(address, self.config.socket_mode(), pool.socket_owner, pool.socket_group)
-                for address in addresses
-            ]
-            self.unix_paths = [address.path for address in addresses if address.kind == "unix"]
         for sock in sockets:
-            sock.setblocking(False)
-            if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(lambda: FrontConnection(self), sock=sock)
-            else:
-                server = await loop.create_server(lambda: FrontConnection(self), sock=sock)
+            server = await listeners.start_server(loop, sock, lambda: FrontConnection(self))
             self.servers.append(server)
-            log.info("listening", address=_sockname(sock))
+            log.info("listening", address=listeners.describe(sock))
         self.listen_sockets = sockets
 
     async def _start_admin(self, loop: asyncio.AbstractEventLoop) -> None:
         self.control = ControlServer(self, self.config.control_path())
         await self.control.start()
-        if self.config.admin.http:
-            address = config_module.Address.parse(self.config.admin.http)
-            if address.kind == "unix":
-                server = await loop.create_unix_server(lambda: HttpAdmin(self), address.path)
-            else:
-                server = await loop.create_server(
-                    lambda: HttpAdmin(self), address.host, address.port, reuse_address=True
-                )
+        self.admin_listeners = listeners.Listeners.open_admin(self.config)
+        for sock in self.admin_listeners.sockets:
+            server = await listeners.start_server(loop, sock, lambda: HttpAdmin(self))
             self.admin_servers.append(server)  # stays up while the pool drains
-            log.info("admin_http", address=str(address))
+            log.info("admin_http", address=listeners.describe(sock))
 
     async def _watchdog(self, interval: float) -> None:
         """systemd kills a pool whose loop stops: ping while the loop turns."""
@@ -649,10 +640,7 @@ class Pool:
 
     def _unlink_sockets(self) -> None:
         """Remove the socket files we made (not those systemd owns)."""
-        for path in self.unix_paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self.unix_paths = []
+        self.listeners.unlink()
 
     def _maybe_finish_drain(self) -> None:
         """Close idle connections; once nothing is in flight, stop the children."""
@@ -693,9 +681,3 @@ class Pool:
         known = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
         return {name: known[name] for name in names if name in known}
 
-
-def _sockname(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{name}"
-    return f"tcp:{name[0]}:{name[1]}"
