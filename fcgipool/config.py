@@ -203,8 +203,8 @@ class PoolSection(_Section):
     workers: int = Field(default=2, ge=1, le=4096, description="Number of children.")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
-        description="The event loop: uvloop when installed (auto), or the one named. uvloop "
-        "costs less per request (pip install 'fcgipool[speed]').",
+        description="The event loop: auto is uvloop (installed with fcgipool on Linux; it "
+        "costs less per request) when it can be imported, else asyncio; or the one named.",
     )
     max_recycling: int = Field(
         default=1,
