@@ -11,12 +11,12 @@ import contextlib
 import html
 import json
 import os
-import socket
 from typing import Any, Protocol
 
 import h11
 
-from . import logs
+from . import listeners, logs
+from .config import Address
 from .status import PoolView, snapshot
 
 log = logs.get("fcgipool.admin")
@@ -46,31 +46,16 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-            except OSError:
-                os.unlink(self.path)  # left over by a pool that is gone
-            else:
-                raise OSError(f"control socket {self.path} is in use by another pool")
-            finally:
-                probe.close()
-        old_umask = os.umask(0o177)
-        try:
-            self.server = await asyncio.start_unix_server(self._serve, self.path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        address = Address("unix", path=self.path)
+        sock = listeners.bind(address, 0o600, key="pool.control")
+        self.server = await asyncio.start_unix_server(self._serve, sock=sock)
         log.info("control_socket", path=self.path)
 
     def close(self) -> None:
-        if self.server is not None:
+        if self.server is not None:  # else the file is not ours (e.g. another pool's)
             self.server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

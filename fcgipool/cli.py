@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import click
@@ -16,6 +17,7 @@ from . import config as config_module
 from . import logs
 from .client import request as fcgi_request
 
+EXIT_START = 1  # could not start: a socket in use, a directory it may not write...
 EXIT_CONFIG = 2
 
 
@@ -88,14 +90,21 @@ def _load(path: str | None, overrides: dict[str, Any], euid: int | None) -> conf
 
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file.")
-@click.option("--bind", multiple=True, metavar="ADDR", help="unix:/path.sock or tcp:HOST:PORT.")
+@click.option(
+    "--bind", multiple=True, metavar="ADDR",
+    help="Pool socket: unix:/path.sock, /path.sock, tcp:HOST:PORT, HOST:PORT, [::1]:PORT or "
+    ":PORT (every interface). Repeat for more.",
+)  # fmt: skip
 @click.option("-w", "--workers", type=int, help="Number of children.")
 @click.option("--timeout", type=float, help="Per-request timeout in seconds.")
 @click.option("--control", metavar="PATH", help="Path of the control socket.")
 @click.option(
     "--env", multiple=True, metavar="KEY=VALUE", help="Add to the children's environment."
 )
-@click.option("--http", metavar="ADDR", help="Admin HTTP listener, e.g. tcp:127.0.0.1:9090.")
+@click.option(
+    "--http", metavar="ADDR",
+    help="Admin HTTP listener, in the forms of --bind, e.g. 127.0.0.1:9090.",
+)  # fmt: skip
 @click.option("--wsgi", metavar="MODULE:APP", help="Serve a WSGI app as the children (flup).")
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Log format.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -114,13 +123,21 @@ def serve(
     """Run a pool: fcgipool serve [OPTIONS] [-- COMMAND ARGS...]"""
     overrides = _overrides(bind, workers, timeout, control, env, command, http, wsgi, log_format)
     cfg = _load(config_path, overrides, os.geteuid())
-    logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
-    runner = _event_loop_runner(cfg.pool.event_loop)
+    try:
+        logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
+    except OSError as error:
+        click.echo(f"log.file: cannot open {cfg.log.file}: {error.strerror or error}", err=True)
+        sys.exit(EXIT_START)
+    loop_name, runner = _event_loop_runner(cfg.pool.event_loop)
+    log = logs.get("fcgipool")
+    log.info("event_loop", loop=loop_name)
     try:
         code = runner(_run_pool(cfg, config_path, overrides))
-    except OSError as error:
-        logs.get("fcgipool").error("startup_failed", error=str(error))
-        sys.exit(1)
+    except OSError as error:  # a socket or directory the pool needs: one line, no traceback
+        log.error("startup_failed", error=str(error))
+        if cfg.log.file:  # say it where the operator looks too
+            click.echo(f"fcgipool: could not start: {error}", err=True)
+        sys.exit(EXIT_START)
     sys.exit(code)
 
 
@@ -132,18 +149,22 @@ async def _run_pool(
     return await Pool(cfg, config_path, overrides, loop=asyncio.get_running_loop()).run()
 
 
-def _event_loop_runner(choice: str) -> Any:
-    """asyncio.run, or uvloop.run when chosen (or installed, with "auto")."""
+Runner = Callable[[Coroutine[Any, Any, int]], int]
+
+
+def _event_loop_runner(choice: str) -> tuple[str, Runner]:
+    """("asyncio", asyncio.run), or ("uvloop", uvloop.run) when chosen, or with "auto" when
+    uvloop can be imported (it is a dependency on Linux)."""
     if choice == "asyncio":
-        return asyncio.run
+        return "asyncio", asyncio.run
     try:
         import uvloop
     except ImportError:
         if choice == "uvloop":
             click.echo("pool.event_loop: uvloop is not installed", err=True)
             sys.exit(EXIT_CONFIG)
-        return asyncio.run
-    return uvloop.run
+        return "asyncio", asyncio.run
+    return "uvloop", uvloop.run
 
 
 def _control_path(config_path: str | None, control: str | None) -> str:
@@ -170,6 +191,8 @@ def _ask(path: str, command: dict[str, Any]) -> dict[str, Any]:
     try:
         answer = json.loads(data)
     except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
         click.echo(f"fcgipool: {path} did not answer in JSON", err=True)
         sys.exit(1)
     if not answer.get("ok"):
@@ -302,7 +325,8 @@ def request_command(
     output: Any,
     timeout: float,
 ) -> None:
-    """Send one FastCGI request to ADDR (unix:/path or tcp:HOST:PORT) and print the answer."""
+    """Send one FastCGI request to ADDR (unix:/path.sock, /path.sock, HOST:PORT, [::1]:PORT,
+    :PORT for this machine) and print the answer."""
     if body is not None and body.startswith("@"):
         with open(body[1:], "rb") as handle:
             data = handle.read()

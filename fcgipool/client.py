@@ -61,17 +61,15 @@ def cgi_params(
 
 
 def connect(address: str | Address, timeout: float | None = 30.0) -> socket.socket:
+    """A connection to ``address`` in any form Address.parse reads. A host name is tried at
+    each address it resolves to; ``:PORT`` (every interface) connects to localhost."""
     addr = address if isinstance(address, Address) else Address.parse(address)
-    if addr.kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: str | tuple[str, int] = addr.path
-    else:
-        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        target = (addr.host, addr.port)
+    if addr.kind == "tcp":
+        return socket.create_connection((addr.host or "localhost", addr.port), timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(target)
+        sock.connect(addr.path)
     except OSError:
         sock.close()
         raise

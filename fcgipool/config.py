@@ -6,6 +6,7 @@ environment variables, command-line flags. Every error names the key path and th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ import tomlkit.exceptions
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
@@ -28,9 +30,21 @@ from pydantic import (
 ENV_PREFIX = "FCGIPOOL_"
 
 
+ADDRESS_FORMS = "unix:/path.sock, /path.sock, tcp:HOST:PORT, HOST:PORT, [IPv6]:PORT or :PORT"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+-]*")
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A listening address: ``unix:/path.sock`` or ``tcp:HOST:PORT`` (``tcp:[::1]:9000``)."""
+    """A listening address, in the forms operators type.
+
+    Unix: ``unix:/run/p.sock`` or ``/run/p.sock``. TCP: ``tcp:HOST:PORT`` or ``HOST:PORT``,
+    where HOST is an IPv4 address, an IPv6 address in brackets (``[::1]:9000``) or a host
+    name (resolved when the socket is bound); ``:PORT`` (``tcp::PORT``) is every interface
+    and has ``host == ""``. ``str()`` gives the canonical form, which parses back to the
+    same address: ``unix:PATH`` or ``tcp:HOST:PORT``.
+    """
 
     kind: Literal["unix", "tcp"]
     path: str = ""
@@ -39,21 +53,60 @@ class Address:
 
     @classmethod
     def parse(cls, text: str) -> Address:
+        if not text:
+            raise ValueError(f"empty address: write {ADDRESS_FORMS}")
+        if text.startswith("/"):
+            return cls._unix(text)
         scheme, sep, rest = text.partition(":")
-        if not sep or not rest:
-            raise ValueError(f"{text!r} is not unix:/path or tcp:HOST:PORT")
         if scheme == "unix":
-            if not rest.startswith("/"):
-                raise ValueError(f"unix socket path {rest!r} must be absolute")
-            if len(rest.encode()) > 107:
-                raise ValueError(f"unix socket path {rest!r} is longer than 107 bytes")
-            return cls("unix", path=rest)
+            return cls._unix(rest)
         if scheme == "tcp":
-            host, sep, port = rest.rpartition(":")
-            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            return cls._tcp(rest, text)
+        if not sep:
+            if text.startswith("["):
+                return cls._tcp(text, text)
+            if "/" in text or text.endswith(".sock"):
+                raise ValueError(f"unix socket path {text!r} must be absolute")
+            raise ValueError(f"{text!r} is not an address: write {ADDRESS_FORMS}")
+        if _SCHEME.fullmatch(scheme) and not rest.isdigit() and rest and ":" not in rest:
+            raise ValueError(f"unknown address scheme {scheme!r}: use unix: or tcp:")
+        return cls._tcp(text, text)  # :PORT, [IPv6]:PORT, HOST:PORT, too many colons
+
+    @classmethod
+    def _unix(cls, path: str) -> Address:
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path {path!r} must be absolute")
+        if "\0" in path:
+            raise ValueError(f"unix socket path {path!r} contains a NUL byte")
+        if len(path.encode()) > 107:
+            raise ValueError(f"unix socket path {path!r} is longer than 107 bytes")
+        return cls("unix", path=path)
+
+    @classmethod
+    def _tcp(cls, rest: str, text: str) -> Address:
+        if rest.startswith("["):
+            close = rest.find("]")
+            if close < 0:
+                raise ValueError(f"{text!r}: '[' without ']' around the IPv6 address")
+            host, after = _ipv6(rest[1:close], text), rest[close + 1 :]
+            if not after.startswith(":"):
+                raise ValueError(f"{text!r} needs a port 1-65535: [IPv6]:PORT")
+            port = after[1:]
+        else:
+            if "]" in rest:
+                raise ValueError(f"{text!r}: ']' without '['")
+            if rest.count(":") > 1:
+                raise ValueError(
+                    f"{text!r} has too many ':' for HOST:PORT "
+                    "(write an IPv6 address in brackets: [::1]:9000)"
+                )
+            host, sep, port = rest.partition(":")
+            if not sep:
                 raise ValueError(f"{text!r} needs a port 1-65535: tcp:HOST:PORT")
-            return cls("tcp", host=host.strip("[]") or "127.0.0.1", port=int(port))
-        raise ValueError(f"unknown address scheme {scheme!r}: use unix: or tcp:")
+            host = _host(host, text)
+        if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r} needs a port 1-65535, not {port!r}")
+        return cls("tcp", host=host, port=int(port))
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -62,9 +115,49 @@ class Address:
         return f"tcp:{host}:{self.port}"
 
 
+def _ipv6(text: str, address: str) -> str:
+    """The canonical text of an IPv6 address (a zone such as ``%eth0`` is kept)."""
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        raise ValueError(f"{address!r}: {text!r} is not an IPv6 address") from None
+
+
+def _host(text: str, address: str) -> str:
+    """An IPv4 address, a host name (lower-cased) or "" (every interface)."""
+    if not text:
+        return ""
+    labels = text.lower().removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        try:
+            return str(ipaddress.IPv4Address(text))
+        except ValueError:
+            raise ValueError(f"{address!r}: {text!r} is not an IPv4 address") from None
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{address!r}: {text!r} is not a host name or IP address")
+    return text.lower()
+
+
 def _check_address(text: str) -> str:
     Address.parse(text)
     return text
+
+
+def _check_optional_address(text: str) -> str:
+    if text:
+        Address.parse(text)
+    return text
+
+
+def _check_control_path(text: str) -> str:
+    if text:
+        Address.parse(f"unix:{text}")
+    return text
+
+
+def _one_or_more(value: Any) -> Any:
+    """A single address may be given as a string (a flag, an environment variable)."""
+    return [value] if isinstance(value, str) else value
 
 
 def _check_mode(text: str) -> str:
@@ -78,6 +171,8 @@ def _check_mode(text: str) -> str:
 
 
 AddressText = Annotated[str, AfterValidator(_check_address)]
+OptionalAddressText = Annotated[str, AfterValidator(_check_optional_address)]
+ControlPath = Annotated[str, AfterValidator(_check_control_path)]
 ModeText = Annotated[str, AfterValidator(_check_mode)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -87,11 +182,13 @@ class _Section(BaseModel):
 
 
 class PoolSection(_Section):
-    bind: list[AddressText] = Field(
+    bind: Annotated[list[AddressText], BeforeValidator(_one_or_more)] = Field(
         default=["unix:/run/fcgipool/pool.sock"],
         min_length=1,
-        description="Addresses the pool listens on for the web server: unix:/path.sock or "
-        "tcp:HOST:PORT. Ignored when systemd hands sockets over (LISTEN_FDS).",
+        description="Addresses the pool listens on for the web server (one string or a "
+        "list): unix:/path.sock or /path.sock; tcp:HOST:PORT or HOST:PORT, HOST an IPv4 "
+        "address, [IPv6] or a host name (resolved at start, first address); :PORT is every "
+        "interface, IPv6 and IPv4. Ignored when systemd hands sockets over (LISTEN_FDS).",
     )
     socket_mode: ModeText = Field(
         default="0660", description="File mode of unix pool sockets (octal)."
@@ -106,8 +203,8 @@ class PoolSection(_Section):
     workers: int = Field(default=2, ge=1, le=4096, description="Number of children.")
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
-        description="The event loop: uvloop when installed (auto), or the one named. uvloop "
-        "costs less per request (pip install 'fcgipool[speed]').",
+        description="The event loop: auto is uvloop (installed with fcgipool on Linux; it "
+        "costs less per request) when it can be imported, else asyncio; or the one named.",
     )
     max_recycling: int = Field(
         default=1,
@@ -130,9 +227,10 @@ class PoolSection(_Section):
         description="Where the private directory (mode 0700) for the children's sockets is "
         "made; empty means $RUNTIME_DIRECTORY, else /tmp.",
     )
-    control: str = Field(
+    control: ControlPath = Field(
         default="",
-        description="Path of the local control socket (mode 0600) for `fcgipool status`, "
+        description="Absolute path of the local control socket (mode 0600) for "
+        "`fcgipool status`, "
         "`reload`, `scale`, `stop`; empty puts it next to the first unix pool socket "
         "(NAME.sock → NAME.ctl).",
     )
@@ -290,10 +388,11 @@ class TimeoutsSection(_Section):
 
 
 class AdminSection(_Section):
-    http: str = Field(
+    http: OptionalAddressText = Field(
         default="",
         description="Address of the HTTP admin listener (/metrics, /healthz, /readyz, /status), "
-        "e.g. tcp:127.0.0.1:9090; empty is off. Keep it on loopback or a private network.",
+        "in the forms of pool.bind, e.g. 127.0.0.1:9090 or unix:/run/fcgipool/admin.sock; "
+        "empty is off. Keep it on loopback or a private network.",
     )
     ping_path: str = Field(
         default="",
@@ -464,6 +563,11 @@ class Config(_Section):
     @property
     def addresses(self) -> list[Address]:
         return [Address.parse(text) for text in self.pool.bind]
+
+    @property
+    def admin_address(self) -> Address | None:
+        """The admin HTTP listener's address; None when admin.http is empty (off)."""
+        return Address.parse(self.admin.http) if self.admin.http else None
 
     def socket_mode(self) -> int:
         return int(self.pool.socket_mode, 8)

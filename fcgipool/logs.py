@@ -79,7 +79,7 @@ class _AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
 
-    def write(self, values: tuple) -> None:
+    def write(self, values: tuple[Any, ...]) -> None:
         """One request's values, in the order of ACCESS_FIELDS; wait_ms and ms unrounded (the
         console line formats them with two decimals, which costs less than round())."""
         if self.json:
@@ -118,7 +118,7 @@ def configure(fmt: str = "console", level: str = "info", path: str = "") -> None
     _access_log.json = fmt == "json"
 
 
-def access(values: tuple) -> None:
+def access(values: tuple[Any, ...]) -> None:
     """Log one request (values in the order of ACCESS_FIELDS); see _Batched for when it is
     written: call flush_access() now and then."""
     _access_log.write(values)
@@ -135,4 +135,4 @@ def reopen() -> None:
 
 
 def get(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+    return cast(structlog.typing.FilteringBoundLogger, structlog.get_logger(name))

@@ -19,13 +19,12 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import config as config_module
-from . import logs, systemd
+from . import listeners, logs, systemd
 from .accounting import Accounting
 from .admin import ControlServer, HttpAdmin
 from .admission import Admission
@@ -34,7 +33,6 @@ from .classify import Classifier
 from .config import Config
 from .dispatch import Dispatcher
 from .frontend import Frontend
-from .listeners import Listeners, bind, describe
 from .machine import IllegalTransition, StateEnum
 from .metrics import Metrics
 from .processes import OsProcesses
@@ -126,7 +124,8 @@ class Pool:
         )
         self.frontend = Frontend(config, self.context, self.status)
         self._metrics = Metrics(self)
-        self.listeners: Listeners | None = None
+        self.listeners = listeners.Listeners()  # the pool sockets
+        self.admin_listeners = listeners.Listeners()  # admin.http
         self.servers: list[asyncio.AbstractServer] = []
         self.admin_servers: list[asyncio.AbstractServer] = []
         self.control: ControlServer | None = None
@@ -199,7 +198,12 @@ class Pool:
         self._install_signals()
         _become_subreaper()
         _raise_file_limit()
-        runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=self._runtime_base())
+        base = self._runtime_base()
+        try:
+            runtime_dir = tempfile.mkdtemp(prefix="fcgipool-", dir=base)
+        except OSError as error:
+            why = error.strerror or str(error)
+            raise OSError(f"pool.runtime_dir: cannot create a directory in {base}: {why}") from None
         if self.os_processes is not None:
             self.os_processes.runtime_dir = runtime_dir
         try:
@@ -217,8 +221,8 @@ class Pool:
                 self.control.close()
             for server in self.admin_servers:
                 server.close()
-            if self.listeners is not None:
-                self.listeners.unlink()
+            self.listeners.unlink()
+            self.admin_listeners.unlink()
             shutil.rmtree(runtime_dir, ignore_errors=True)
             log.info("pool_stopped", exit_code=self.exit_code)
 
@@ -227,28 +231,22 @@ class Pool:
         return base.split(":")[0] or tempfile.gettempdir()
 
     async def _listen(self) -> None:
-        self.listeners = Listeners.open(self.config)
+        self.listeners = listeners.Listeners.open(self.config)
         if self.listeners.inherited:
             log.info("sockets_inherited", count=len(self.listeners.sockets))
         for sock in self.listeners.sockets:
-            self.servers.append(await self._serve(sock, self.frontend.connection))
-            log.info("listening", address=describe(sock))
-
-    async def _serve(
-        self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]
-    ) -> asyncio.AbstractServer:
-        if sock.family == socket.AF_UNIX:
-            return await self.loop.create_unix_server(factory, sock=sock)
-        return await self.loop.create_server(factory, sock=sock)
+            server = await listeners.start_server(self.loop, sock, self.frontend.connection)
+            self.servers.append(server)
+            log.info("listening", address=listeners.describe(sock))
 
     async def _start_admin(self) -> None:
         self.control = ControlServer(self, self.config.control_path())
         await self.control.start()
-        if self.config.admin.http:
-            address = config_module.Address.parse(self.config.admin.http)
-            sock = bind(address, 0o660)
-            self.admin_servers.append(await self._serve(sock, lambda: HttpAdmin(self)))
-            log.info("admin_http", address=str(address))  # stays up while the pool drains
+        self.admin_listeners = listeners.Listeners.open_admin(self.config)
+        for sock in self.admin_listeners.sockets:
+            server = await listeners.start_server(self.loop, sock, lambda: HttpAdmin(self))
+            self.admin_servers.append(server)  # stays up while the pool drains
+            log.info("admin_http", address=listeners.describe(sock))
 
     async def _watchdog(self, interval: float) -> None:
         """systemd kills a pool whose loop stops: ping while the loop turns."""
@@ -426,17 +424,16 @@ class Pool:
         self.notify("STOPPING=1")
         self.children.hold()
         self.frontend.draining = True
-        if self.listeners is not None:
-            self.listeners.unlink()
-            for sock in self.listeners.sockets:
-                while True:
-                    try:
-                        connection, _ = sock.accept()
-                    except OSError:
-                        break
-                    self.loop.create_task(
-                        self.loop.connect_accepted_socket(self.frontend.connection, connection)
-                    )
+        self.listeners.unlink()
+        for sock in self.listeners.sockets:
+            while True:
+                try:
+                    connection, _ = sock.accept()
+                except OSError:
+                    break
+                self.loop.create_task(
+                    self.loop.connect_accepted_socket(self.frontend.connection, connection)
+                )
         for server in self.servers:
             server.close()
 

@@ -12,17 +12,21 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
 
 
-def load(target: str):
+def load(target: str) -> WSGIApplication:
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise SystemExit(f"fcgipool.wsgi: {target!r} is not MODULE:ATTRIBUTE")
     module = importlib.import_module(module_name)
-    app = module
+    app: object = module
     for part in attribute.split("."):
         app = getattr(app, part)
-    return app
+    return cast("WSGIApplication", app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m fcgipool.wsgi MODULE:APP")
     sys.path.insert(0, os.getcwd())
     app = load(args[0])
-    from flup.server.fcgi_single import WSGIServer
+    from flup.server.fcgi_single import WSGIServer  # type: ignore[import-untyped]
 
     WSGIServer(app).run()
 

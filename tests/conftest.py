@@ -322,3 +322,20 @@ def busy_request(pool: PoolProcess, workdir: Path, uri: str = "/?sleep=3000&laye
     sock.sendall(protocol.encode_request(1, client.cgi_params(f"{uri}&touch={marker}")))
     wait_for(marker.exists, 20, "a child to take the slow request")
     return sock
+
+
+@pytest.fixture
+def harness() -> Iterator[Callable[..., object]]:
+    """For the in-process tier (tests/unit): make a fakes.Harness (the real pool with fake
+    children on a virtual clock); each is closed after the test."""
+    from fakes import Harness  # tests/unit is on sys.path for its own tests
+
+    made: list[Harness] = []
+
+    def make(overrides: dict | None = None, **kwargs) -> Harness:
+        made.append(Harness(overrides, **kwargs))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()

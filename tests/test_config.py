@@ -100,7 +100,8 @@ def test_sizes_accept_units():
         ("unix:/run/p.sock", config.Address("unix", path="/run/p.sock")),
         ("tcp:127.0.0.1:9000", config.Address("tcp", host="127.0.0.1", port=9000)),
         ("tcp:[::1]:9000", config.Address("tcp", host="::1", port=9000)),
-        ("tcp::9000", config.Address("tcp", host="127.0.0.1", port=9000)),
+        # every interface (it meant 127.0.0.1 before ":PORT" was a form of its own)
+        ("tcp::9000", config.Address("tcp", host="", port=9000)),
     ],
 )
 def test_addresses_parse_and_print(text, expected):

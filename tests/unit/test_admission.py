@@ -7,8 +7,8 @@ from fcgipool.client import cgi_params
 from fcgipool.protocol import RecordType, encode_begin_request, encode_params, encode_record
 
 
-def test_default_classes_from_the_query_string(pool):
-    h = pool()
+def test_default_classes_from_the_query_string(harness):
+    h = harness()
     capabilities = h.get("/ows?SERVICE=WMS&REQUEST=GetCapabilities")
     tile = h.get("/ows?SERVICE=WMS&REQUEST=GetMap&LAYERS=a")
     other = h.get("/index.html")
@@ -17,8 +17,8 @@ def test_default_classes_from_the_query_string(pool):
     assert classes == {"light", "heavy", "default"}
 
 
-def test_a_post_is_classified_from_its_body(pool):
-    h = pool()
+def test_a_post_is_classified_from_its_body(harness):
+    h = harness()
     body = b'<?xml version="1.0"?><GetCapabilities service="WMS" version="1.3.0"/>'
     response = h.get("/ows", method="POST", body=body,
                      extra={"CONTENT_TYPE": "text/xml"})  # fmt: skip
@@ -28,10 +28,10 @@ def test_a_post_is_classified_from_its_body(pool):
     assert program.received.count(body) == 1, "the body reached the child whole, once"
 
 
-def test_a_project_outside_the_allowed_roots_is_refused_before_any_child(pool, tmp_path):
+def test_a_project_outside_the_allowed_roots_is_refused_before_any_child(harness, tmp_path):
     root = tmp_path / "projects"
     root.mkdir()
-    h = pool({"projects": {"allowed_roots": [str(root)]}})
+    h = harness({"projects": {"allowed_roots": [str(root)]}})
     refused = h.get("/ows?MAP=/etc/passwd&REQUEST=GetCapabilities")
     sneaky = h.get(f"/ows?MAP={root}/../../etc/passwd&REQUEST=GetCapabilities")
     allowed = h.get(f"/ows?MAP={root}/a.qgs&REQUEST=GetCapabilities")
@@ -39,8 +39,8 @@ def test_a_project_outside_the_allowed_roots_is_refused_before_any_child(pool, t
     assert sum(len(p.served) for p in h.programs()) == 1
 
 
-def test_an_alias_is_rewritten_to_the_real_file(pool, tmp_path):
-    h = pool({"projects": {"search_paths": {"/cadastre": str(tmp_path)}}})
+def test_an_alias_is_rewritten_to_the_real_file(harness, tmp_path):
+    h = harness({"projects": {"search_paths": {"/cadastre": str(tmp_path)}}})
     response = h.get("/ows?map=/cadastre/town.qgs&REQUEST=GetMap")
     assert response.status == 200
     (program,) = [p for p in h.programs() if p.served]
@@ -49,8 +49,8 @@ def test_an_alias_is_rewritten_to_the_real_file(pool, tmp_path):
     assert params[b"REQUEST_URI"] == b"/ows?map=/cadastre/town.qgs&REQUEST=GetMap"
 
 
-def test_affinity_sends_a_project_to_the_child_that_holds_it(pool):
-    h = pool()
+def test_affinity_sends_a_project_to_the_child_that_holds_it(harness):
+    h = harness()
     for project in ("a", "b", "a", "b", "a"):
         assert h.get(f"/ows?MAP=/p/{project}.qgs&REQUEST=GetMap").status == 200
     served = {
@@ -60,10 +60,10 @@ def test_affinity_sends_a_project_to_the_child_that_holds_it(pool):
     assert served == {(b"MAP=/p/a.qgs",) * 3, (b"MAP=/p/b.qgs",) * 2}
 
 
-def test_what_the_child_is_sent(pool):
+def test_what_the_child_is_sent(harness):
     """BEGIN_REQUEST with FCGI_KEEP_CONN and id 1, the web server's PARAMS as they came, the
     body, the end of STDIN."""
-    h = pool()
+    h = harness()
     web = h.connect()
     params = cgi_params("/x?a=1", "POST", b"hello")
     web.send(encode_begin_request(7, keep_conn=True) + encode_params(7, params)

@@ -26,8 +26,8 @@ def crash(h, program):
 # ---------------------------------------------------------------- failure pressure
 
 
-def test_failures_within_the_window_over_the_limit_stop_the_pool_with_exit_3(pool):
-    h = pool()
+def test_failures_within_the_window_over_the_limit_stop_the_pool_with_exit_3(harness):
+    h = harness()
     workers, limit = DEFAULTS.pool.workers, DEFAULTS.pool.max_failure_pressure
     crashes = int(limit * workers)  # at the limit: not above it
     for _ in range(crashes):
@@ -43,8 +43,8 @@ def test_failures_within_the_window_over_the_limit_stop_the_pool_with_exit_3(poo
     assert h.processes.alive() == []
 
 
-def test_failures_older_than_the_window_do_not_count(pool):
-    h = pool()
+def test_failures_older_than_the_window_do_not_count(harness):
+    h = harness()
     for _ in range(4):
         h.until(lambda: h.pool.children.ready() == 2, what="both ready")
         crash(h, h.programs()[0])
@@ -53,8 +53,8 @@ def test_failures_older_than_the_window_do_not_count(pool):
     assert not h.pool.stopping
 
 
-def test_readyz_fails_while_the_pressure_is_above_the_limit(pool):
-    h = pool({"pool": {"max_failure_pressure": 100}})
+def test_readyz_fails_while_the_pressure_is_above_the_limit(harness):
+    h = harness({"pool": {"max_failure_pressure": 100}})
     for _ in range(3):
         crash(h, h.programs()[0])
         h.until(lambda: h.pool.children.ready() == 2)
@@ -66,8 +66,8 @@ def test_readyz_fails_while_the_pressure_is_above_the_limit(pool):
 # ---------------------------------------------------------------- respawn backoff
 
 
-def test_respawn_backoff_doubles_on_each_failure_in_a_row_and_resets_on_success(pool):
-    h = pool({"pool": {"max_failure_pressure": 1000}})
+def test_respawn_backoff_doubles_on_each_failure_in_a_row_and_resets_on_success(harness):
+    h = harness({"pool": {"max_failure_pressure": 1000}})
     h.processes.on_spawn = lambda program: setattr(program, "probe", Drop())  # start fails
     crash(h, h.programs()[0])
     h.run(200)
@@ -85,8 +85,8 @@ def test_respawn_backoff_doubles_on_each_failure_in_a_row_and_resets_on_success(
     assert round(h.processes.spawned_at[-1] - before, 3) == DELAY
 
 
-def test_a_spawn_that_fails_counts_as_a_failure_and_is_retried_with_backoff(pool):
-    h = pool({"pool": {"max_failure_pressure": 1000}})
+def test_a_spawn_that_fails_counts_as_a_failure_and_is_retried_with_backoff(harness):
+    h = harness({"pool": {"max_failure_pressure": 1000}})
     h.processes.spawn_error = OSError(2, "No such file or directory")
     crash(h, h.programs()[0])
     h.run(10)
@@ -96,8 +96,8 @@ def test_a_spawn_that_fails_counts_as_a_failure_and_is_retried_with_backoff(pool
     h.until(lambda: h.pool.children.ready() == 2, within=MAX_BACKOFF + 1)
 
 
-def test_a_child_that_never_answers_its_probe_is_a_failed_start(pool):
-    h = pool({"pool": {"max_failure_pressure": 1000}}, start=False)
+def test_a_child_that_never_answers_its_probe_is_a_failed_start(harness):
+    h = harness({"pool": {"max_failure_pressure": 1000}}, start=False)
     h.processes.on_spawn = lambda program: setattr(program, "probe", Drop())
     h.pool.start()
     h.run(1)
@@ -109,8 +109,8 @@ def test_a_child_that_never_answers_its_probe_is_a_failed_start(pool):
 # ---------------------------------------------------------------- warm-up
 
 
-def test_warmup_requests_run_before_a_child_takes_traffic(pool):
-    h = pool({"child": {"warmup": ["/?w=1", "/?w=2"]},
+def test_warmup_requests_run_before_a_child_takes_traffic(harness):
+    h = harness({"child": {"warmup": ["/?w=1", "/?w=2"]},
               "projects": {"pinned": ["/srv/a.qgs"]}})  # fmt: skip
     for program in h.programs():
         uris = [params[b"REQUEST_URI"] for params in program.requests]
@@ -120,8 +120,8 @@ def test_warmup_requests_run_before_a_child_takes_traffic(pool):
     assert h.notes[0].startswith("READY=1")
 
 
-def test_a_warmup_answer_of_500_is_a_failed_start(pool):
-    h = pool({"child": {"warmup": ["/?status=500"]}, "pool": {"max_failure_pressure": 1000}},
+def test_a_warmup_answer_of_500_is_a_failed_start(harness):
+    h = harness({"child": {"warmup": ["/?status=500"]}, "pool": {"max_failure_pressure": 1000}},
              start=False)  # fmt: skip
     h.pool.start()
     h.run(0.5)
@@ -149,8 +149,8 @@ def ready_never_below(h, minimum: int):
     return check, low
 
 
-def test_recycling_after_max_requests_keeps_every_worker_ready(pool):
-    h = pool({"child": {"max_requests": 3}})
+def test_recycling_after_max_requests_keeps_every_worker_ready(harness):
+    h = harness({"child": {"max_requests": 3}})
     first = {program.pid for program in h.programs()}
     check, low = ready_never_below(h, 2)
     web = h.connect()
@@ -164,8 +164,8 @@ def test_recycling_after_max_requests_keeps_every_worker_ready(pool):
     assert h.pool.accounting.restarts["max_requests"] >= 4
 
 
-def test_recycling_by_memory_replaces_a_child_past_max_rss(pool):
-    h = pool({"child": {"max_rss": "200MiB"}})
+def test_recycling_by_memory_replaces_a_child_past_max_rss(harness):
+    h = harness({"child": {"max_rss": "200MiB"}})
     big = h.programs()[0]
     big.rss = 300 * 2**20
     h.run(DEFAULTS.child.rss_interval + 0.5)
@@ -175,8 +175,8 @@ def test_recycling_by_memory_replaces_a_child_past_max_rss(pool):
     assert h.pool.children.failure_pressure() == 0
 
 
-def test_recycling_by_lifetime(pool):
-    h = pool({"child": {"max_lifetime": 100}})
+def test_recycling_by_lifetime(harness):
+    h = harness({"child": {"max_lifetime": 100}})
     first = h.programs()
     h.run(100 + DEFAULTS.child.rss_interval + 1)
     h.until(lambda: not any(p.alive for p in first), what="both replaced")
@@ -184,8 +184,8 @@ def test_recycling_by_lifetime(pool):
     assert h.pool.accounting.restarts["max_lifetime"] == 2
 
 
-def test_a_busy_child_is_recycled_only_after_its_request(pool):
-    h = pool({"child": {"max_rss": "200MiB"}})
+def test_a_busy_child_is_recycled_only_after_its_request(harness):
+    h = harness({"child": {"max_rss": "200MiB"}})
     web = h.connect()
     response = web.request("/?sleep=20")
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -201,8 +201,8 @@ def test_a_busy_child_is_recycled_only_after_its_request(pool):
 # ---------------------------------------------------------------- misbehaviour
 
 
-def test_a_child_that_writes_garbage_is_killed_and_its_get_retried(pool):
-    h = pool()
+def test_a_child_that_writes_garbage_is_killed_and_its_get_retried(harness):
+    h = harness()
     garbage = [Garbage()]
     h.processes.behaviour = lambda params: garbage.pop() if garbage else Answer()
     response = h.get("/x")
@@ -212,8 +212,8 @@ def test_a_child_that_writes_garbage_is_killed_and_its_get_retried(pool):
     assert h.pool.accounting.restarts["killed"] == 1
 
 
-def test_a_dead_child_is_replaced(pool):
-    h = pool()
+def test_a_dead_child_is_replaced(harness):
+    h = harness()
     program = h.programs()[0]
     crash(h, program)
     assert program.child.state is State.DEAD

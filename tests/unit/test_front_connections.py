@@ -24,11 +24,11 @@ def begin_post(web, request_id: int, uri: str, length: int) -> None:
 # ---------------------------------------------------------------- FCGI_ABORT_REQUEST
 
 
-def test_abort_before_a_child_ends_the_request_once_and_frees_its_id(pool):
+def test_abort_before_a_child_ends_the_request_once_and_frees_its_id(harness):
     """A POST whose body is still arriving (classified from its body, so it waits in
     RECEIVING): ABORT gets one END_REQUEST, and the same id serves the next request on the
     same kept connection."""
-    h = pool()
+    h = harness()
     web = h.connect()
     begin_post(web, 1, "/upload", 100)
     web.send(encode_record(RecordType.STDIN, 1, b"x" * 10))
@@ -44,8 +44,8 @@ def test_abort_before_a_child_ends_the_request_once_and_frees_its_id(pool):
     assert h.pool.accounting.requests[(499, "default")] == 1
 
 
-def test_abort_while_queued_withdraws_the_request(pool):
-    h = pool()
+def test_abort_while_queued_withdraws_the_request(harness):
+    h = harness()
     web = h.connect()
     for request_id in (1, 2):
         web.request("/?sleep=1000", request_id=request_id)
@@ -59,8 +59,8 @@ def test_abort_while_queued_withdraws_the_request(pool):
     assert h.pool.dispatcher.waiting == 1 and again.end is None, "queued again, same id"
 
 
-def test_abort_while_a_child_runs_cancels_the_child(pool):
-    h = pool()
+def test_abort_while_a_child_runs_cancels_the_child(harness):
+    h = harness()
     web = h.connect()
     running = web.request("/?sleep=3")
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -77,8 +77,8 @@ def test_abort_while_a_child_runs_cancels_the_child(pool):
     assert running.ends == 1
 
 
-def test_abort_after_the_answer_gets_no_second_end_request(pool):
-    h = pool()
+def test_abort_after_the_answer_gets_no_second_end_request(harness):
+    h = harness()
     web = h.connect()
     answered = web.request("/done")
     h.until(lambda: answered.end is not None)
@@ -90,9 +90,9 @@ def test_abort_after_the_answer_gets_no_second_end_request(pool):
     assert again.status == 200 and again.ends == 1
 
 
-def test_a_request_answered_before_its_body_ended_frees_its_id_at_once(pool):
+def test_a_request_answered_before_its_body_ended_frees_its_id_at_once(harness):
     """413 on the declared length: the rest of the body is dropped; the id is free."""
-    h = pool()
+    h = harness()
     web = h.connect()
     begin_post(web, 1, "/big", DEFAULTS.limits.max_body_size + 1)
     h.settle()
@@ -104,8 +104,8 @@ def test_a_request_answered_before_its_body_ended_frees_its_id_at_once(pool):
     assert again.status == 200 and not web.closed
 
 
-def test_a_connection_without_keep_conn_closes_once_the_refused_body_has_arrived(pool):
-    h = pool()
+def test_a_connection_without_keep_conn_closes_once_the_refused_body_has_arrived(harness):
+    h = harness()
     web = h.connect()
     params = cgi_params("/big", "POST", b"x" * (DEFAULTS.limits.max_body_size + 1))
     web.send(encode_begin_request(1, keep_conn=False) + encode_params(1, params))
@@ -117,8 +117,8 @@ def test_a_connection_without_keep_conn_closes_once_the_refused_body_has_arrived
     assert web.closed
 
 
-def test_the_web_server_going_away_cancels_the_child(pool):
-    h = pool()
+def test_the_web_server_going_away_cancels_the_child(harness):
+    h = harness()
     web = h.connect()
     web.request("/?hang")
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -132,8 +132,8 @@ def test_the_web_server_going_away_cancels_the_child(pool):
 # ---------------------------------------------------------------- input and limits
 
 
-def test_a_malformed_record_closes_that_connection_only(pool):
-    h = pool()
+def test_a_malformed_record_closes_that_connection_only(harness):
+    h = harness()
     bad, good = h.connect(), h.connect()
     bad.send(b"\x02" + b"\x00" * 15)  # FastCGI version 2
     h.settle()
@@ -143,15 +143,15 @@ def test_a_malformed_record_closes_that_connection_only(pool):
     assert response.status == 200
 
 
-def test_connections_over_max_connections_are_refused(pool):
-    h = pool({"limits": {"max_connections": 2}})
+def test_connections_over_max_connections_are_refused(harness):
+    h = harness({"limits": {"max_connections": 2}})
     first, second, third = h.connect(), h.connect(), h.connect()
     h.settle()
     assert not first.closed and not second.closed and third.closed
 
 
-def test_a_request_stalled_mid_params_is_closed_after_read_timeout(pool):
-    h = pool()
+def test_a_request_stalled_mid_params_is_closed_after_read_timeout(harness):
+    h = harness()
     web = h.connect()
     web.send(encode_begin_request(1, keep_conn=True))
     h.run(DEFAULTS.limits.read_timeout - 1)
@@ -159,8 +159,8 @@ def test_a_request_stalled_mid_params_is_closed_after_read_timeout(pool):
     h.until(lambda: web.closed, within=2.5)
 
 
-def test_an_idle_kept_connection_is_not_a_stall(pool):
-    h = pool()
+def test_an_idle_kept_connection_is_not_a_stall(harness):
+    h = harness()
     web = h.connect()
     response = web.request("/x")
     h.until(lambda: response.end is not None)
@@ -168,8 +168,8 @@ def test_an_idle_kept_connection_is_not_a_stall(pool):
     assert not web.closed
 
 
-def test_get_values_and_unknown_role_are_answered_by_the_pool(pool):
-    h = pool()
+def test_get_values_and_unknown_role_are_answered_by_the_pool(harness):
+    h = harness()
     web = h.connect()
     names = protocol.encode_pairs([(b"FCGI_MPXS_CONNS", b""), (b"FCGI_MAX_CONNS", b"")])
     web.send(encode_record(RecordType.GET_VALUES, 0, names))
@@ -181,8 +181,8 @@ def test_get_values_and_unknown_role_are_answered_by_the_pool(pool):
     assert again.status == 200
 
 
-def test_a_body_over_max_body_size_while_running_cuts_the_request(pool):
-    h = pool({"limits": {"max_body_size": 100_000}})
+def test_a_body_over_max_body_size_while_running_cuts_the_request(harness):
+    h = harness({"limits": {"max_body_size": 100_000}})
     web = h.connect()
     params = cgi_params("/upload", "POST", b"")
     params[b"CONTENT_LENGTH"] = b"1000"  # it lies
@@ -194,8 +194,8 @@ def test_a_body_over_max_body_size_while_running_cuts_the_request(pool):
     assert web.responses[1].status == 413
 
 
-def test_ping_and_status_paths_are_answered_even_when_every_child_is_busy(pool):
-    h = pool({"admin": {"ping_path": "/ping", "status_path": "/status"}})
+def test_ping_and_status_paths_are_answered_even_when_every_child_is_busy(harness):
+    h = harness({"admin": {"ping_path": "/ping", "status_path": "/status"}})
     for program in h.programs():
         program.script = [Hang()]
     web = h.connect()
@@ -209,9 +209,9 @@ def test_ping_and_status_paths_are_answered_even_when_every_child_is_busy(pool):
     assert b'"busy": 2' in status.body
 
 
-def test_a_slow_web_server_holds_the_child_back(pool):
+def test_a_slow_web_server_holds_the_child_back(harness):
     """Flow control: while the front connection's buffer is full, the child is not read."""
-    h = pool()
+    h = harness()
     web = h.connect()
     response = web.request("/?sleep=1")
     h.until(lambda: any(p.busy for p in h.programs()))

@@ -24,8 +24,8 @@ def program_of(h, response_pid: int):
 # ---------------------------------------------------------------- request timeout
 
 
-def test_request_timeout_answers_504_at_once_then_the_child_is_cancelled(pool):
-    h = pool()
+def test_request_timeout_answers_504_at_once_then_the_child_is_cancelled(harness):
+    h = harness()
     web = h.connect()
     started = h.now()
     response = web.request("/?hang")
@@ -45,8 +45,8 @@ def test_request_timeout_answers_504_at_once_then_the_child_is_cancelled(pool):
     assert h.pool.children.failure_pressure() == 0.5
 
 
-def test_a_child_that_ignores_sigterm_is_killed_after_kill_grace(pool):
-    h = pool()
+def test_a_child_that_ignores_sigterm_is_killed_after_kill_grace(harness):
+    h = harness()
     for program in h.programs():
         program.ignore_term = True
     response = h.get("/?hang", within=TIMEOUT + 1)
@@ -58,8 +58,8 @@ def test_a_child_that_ignores_sigterm_is_killed_after_kill_grace(pool):
     assert program.signals == [signal.SIGTERM, signal.SIGKILL] and not program.alive
 
 
-def test_a_child_that_finishes_within_the_cancel_timeout_serves_again(pool):
-    h = pool()
+def test_a_child_that_finishes_within_the_cancel_timeout_serves_again(harness):
+    h = harness()
     response = h.get(f"/?sleep={TIMEOUT + CANCEL / 2}", within=TIMEOUT + 1)
     assert response.status == 504
     (program,) = [p for p in h.programs() if p.served]
@@ -68,8 +68,8 @@ def test_a_child_that_finishes_within_the_cancel_timeout_serves_again(pool):
     assert h.pool.children.failure_pressure() == 0
 
 
-def test_a_class_request_timeout_overrides_the_default(pool):
-    h = pool({"classes": [{"name": "quick", "match": {"REQUEST": "GetLegendGraphic"},
+def test_a_class_request_timeout_overrides_the_default(harness):
+    h = harness({"classes": [{"name": "quick", "match": {"REQUEST": "GetLegendGraphic"},
                            "request_timeout": 2.0}]})  # fmt: skip
     started = h.now()
     response = h.get("/?REQUEST=GetLegendGraphic&hang", within=5)
@@ -89,8 +89,8 @@ def occupy_all(h):
     return web
 
 
-def test_queue_timeout_gets_503_with_retry_after(pool):
-    h = pool()
+def test_queue_timeout_gets_503_with_retry_after(harness):
+    h = harness()
     occupy_all(h)
     started = h.now()
     response = h.get("/waits", within=DEFAULTS.limits.queue_timeout + 1)
@@ -100,8 +100,8 @@ def test_queue_timeout_gets_503_with_retry_after(pool):
     assert DEFAULTS.limits.queue_timeout < waited <= DEFAULTS.limits.queue_timeout + 0.2
 
 
-def test_a_full_queue_refuses_at_once_and_loses_no_admitted_request(pool):
-    h = pool({"limits": {"max_waiting": 3}})
+def test_a_full_queue_refuses_at_once_and_loses_no_admitted_request(harness):
+    h = harness({"limits": {"max_waiting": 3}})
     occupy_all(h)
     web = h.connect()
     waiting = [web.request("/w", request_id=10 + n) for n in range(3)]
@@ -113,8 +113,8 @@ def test_a_full_queue_refuses_at_once_and_loses_no_admitted_request(pool):
     assert h.pool.dispatcher.waiting == 3
 
 
-def test_a_waiting_request_takes_the_first_child_that_frees_up(pool):
-    h = pool()
+def test_a_waiting_request_takes_the_first_child_that_frees_up(harness):
+    h = harness()
     web = h.connect()
     first = web.request("/?sleep=5", request_id=1)
     web.request("/?sleep=1000", request_id=2)
@@ -132,8 +132,8 @@ def crash_once(h):
     h.processes.behaviour = lambda params: crashes.pop() if crashes else Answer()
 
 
-def test_a_get_whose_child_dies_before_answering_is_retried_once_elsewhere(pool):
-    h = pool()
+def test_a_get_whose_child_dies_before_answering_is_retried_once_elsewhere(harness):
+    h = harness()
     crash_once(h)
     response = h.get("/x")
     assert response.status == 200, "the second child answered"
@@ -141,24 +141,24 @@ def test_a_get_whose_child_dies_before_answering_is_retried_once_elsewhere(pool)
     assert len(served) == 2 and sorted(p.alive for p in served) == [False, True]
 
 
-def test_a_post_whose_child_dies_is_not_retried(pool):
-    h = pool()
+def test_a_post_whose_child_dies_is_not_retried(harness):
+    h = harness()
     crash_once(h)
     response = h.get("/x", method="POST", body=b"x=1")
     assert response.status == 502
     assert sum(len(p.served) for p in h.processes.started) == 1
 
 
-def test_a_get_is_retried_only_once(pool):
-    h = pool()
+def test_a_get_is_retried_only_once(harness):
+    h = harness()
     h.processes.behaviour = lambda params: Crash()
     response = h.get("/x")
     assert response.status == 502
     assert sum(len(p.served) for p in h.processes.started) == 2
 
 
-def test_a_child_that_dies_mid_answer_closes_the_connection(pool):
-    h = pool()
+def test_a_child_that_dies_mid_answer_closes_the_connection(harness):
+    h = harness()
     web = h.connect()
     response = web.request("/?sleep=1000")
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -173,10 +173,10 @@ def test_a_child_that_dies_mid_answer_closes_the_connection(pool):
     assert h.pool.accounting.requests[(502, "default")] == 1
 
 
-def test_a_kept_connection_closed_under_a_request_is_replayed_on_the_same_child(pool):
+def test_a_kept_connection_closed_under_a_request_is_replayed_on_the_same_child(harness):
     """libfcgi may drop a kept connection as the next request arrives: the request never
     started, so it is sent again, once, on a new connection to the same child."""
-    h = pool()
+    h = harness()
     web = h.connect()
     first = web.request("/one", request_id=1)
     h.until(lambda: first.end is not None)
@@ -189,8 +189,8 @@ def test_a_kept_connection_closed_under_a_request_is_replayed_on_the_same_child(
     assert sum(len(p.served) for p in h.programs()) == 3
 
 
-def test_a_replay_happens_once_then_the_get_goes_elsewhere(pool):
-    h = pool()
+def test_a_replay_happens_once_then_the_get_goes_elsewhere(harness):
+    h = harness()
     web = h.connect()
     first = web.request("/one", request_id=1)
     h.until(lambda: first.end is not None)
@@ -203,8 +203,8 @@ def test_a_replay_happens_once_then_the_get_goes_elsewhere(pool):
     assert [p[b"REQUEST_URI"] for p in other.served] == [b"/two"]
 
 
-def test_a_hanging_child_does_not_hold_the_others(pool):
-    h = pool()
+def test_a_hanging_child_does_not_hold_the_others(harness):
+    h = harness()
     web = h.connect()
     web.request("/?hang", request_id=1)
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -212,8 +212,8 @@ def test_a_hanging_child_does_not_hold_the_others(pool):
     assert [response.status for response in answers] == [200] * 5
 
 
-def test_an_answer_of_the_child_is_relayed_as_it_is(pool):
-    h = pool()
+def test_an_answer_of_the_child_is_relayed_as_it_is(harness):
+    h = harness()
     (first, second) = h.programs()
     for program in (first, second):
         program.script = [Answer(418, b"teapot body\n")]

@@ -22,8 +22,8 @@ def test_every_request_state_can_end_and_done_is_final():
 
 @pytest.mark.parametrize("state", list(State))
 @pytest.mark.parametrize("event", list(Event))
-def test_a_request_move_outside_the_table_raises(pool, state, event):
-    h = pool()
+def test_a_request_move_outside_the_table_raises(harness, state, event):
+    h = harness()
     web = h.connect()
     web.send(request.encode_begin_request(1, keep_conn=True))
     h.settle()
@@ -39,9 +39,9 @@ def test_a_request_move_outside_the_table_raises(pool, state, event):
         assert subject.state is state
 
 
-def test_a_request_ended_twice_raises(pool):
+def test_a_request_ended_twice_raises(harness):
     """Every ending goes through Request._end once: a second one is a bug, and says so."""
-    h = pool()
+    h = harness()
     web = h.connect()
     response = web.request("/x")
     h.until(lambda: response.end is not None)
@@ -53,8 +53,8 @@ def test_a_request_ended_twice_raises(pool):
         done.respond(503, b"again\n")
 
 
-def test_child_moves_follow_the_table(pool):
-    h = pool()
+def test_child_moves_follow_the_table(harness):
+    h = harness()
     child = h.pool.children.all[0]
     assert child.state is ChildState.IDLE
     for state in ChildState:
@@ -87,8 +87,8 @@ def test_only_children_py_writes_a_childs_state():
     assert writers == {"children.py"}
 
 
-def test_pool_lifecycle_moves_follow_the_table(pool):
-    h = pool()
+def test_pool_lifecycle_moves_follow_the_table(harness):
+    h = harness()
     assert h.pool.lifecycle is supervisor.Lifecycle.RUNNING
     with pytest.raises(IllegalTransition, match="running -> stopped"):
         h.pool._move(supervisor.Lifecycle.STOPPED)

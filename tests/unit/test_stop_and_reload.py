@@ -16,8 +16,8 @@ GRACE = DEFAULTS.timeouts.shutdown_grace_period
 # ---------------------------------------------------------------- stopping
 
 
-def test_term_lets_requests_in_flight_finish_then_stops_the_children(pool):
-    h = pool()
+def test_term_lets_requests_in_flight_finish_then_stops_the_children(harness):
+    h = harness()
     idle = h.connect()
     served = idle.request("/first")
     h.until(lambda: served.end is not None)
@@ -40,8 +40,8 @@ def test_term_lets_requests_in_flight_finish_then_stops_the_children(pool):
     assert all(p.signals == [signal.SIGTERM] for p in h.processes.started)
 
 
-def test_term_answers_requests_still_running_after_the_grace_period(pool):
-    h = pool()
+def test_term_answers_requests_still_running_after_the_grace_period(harness):
+    h = harness()
     web = h.connect()
     running = web.request("/?sleep=1000", request_id=1)
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -58,8 +58,8 @@ def test_term_answers_requests_still_running_after_the_grace_period(pool):
     assert waiting[1].status == 503 and b"shutting down" in waiting[1].body
 
 
-def test_a_request_arriving_on_a_kept_connection_while_draining_is_served(pool):
-    h = pool()
+def test_a_request_arriving_on_a_kept_connection_while_draining_is_served(harness):
+    h = harness()
     web = h.connect()
     first = web.request("/?sleep=2", request_id=1)
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -70,8 +70,8 @@ def test_a_request_arriving_on_a_kept_connection_while_draining_is_served(pool):
     assert h.wait_stopped() == 0 and first.status == 200
 
 
-def test_quit_stops_at_once(pool):
-    h = pool()
+def test_quit_stops_at_once(harness):
+    h = harness()
     web = h.connect()
     running = web.request("/?sleep=1000")
     h.until(lambda: any(p.busy for p in h.programs()))
@@ -82,8 +82,8 @@ def test_quit_stops_at_once(pool):
     assert running.end is None and web.closed
 
 
-def test_a_stopping_pool_refuses_reload_and_scale(pool):
-    h = pool()
+def test_a_stopping_pool_refuses_reload_and_scale(harness):
+    h = harness()
     h.pool.handle_term()
     assert h.pool.reload() == "the pool is stopping"
     assert h.pool.scale(4) == "the pool is stopping"
@@ -92,8 +92,8 @@ def test_a_stopping_pool_refuses_reload_and_scale(pool):
 # ---------------------------------------------------------------- reload
 
 
-def test_reload_replaces_every_child_a_batch_at_a_time_without_a_failed_request(pool):
-    h = pool({"pool": {"workers": 4}})
+def test_reload_replaces_every_child_a_batch_at_a_time_without_a_failed_request(harness):
+    h = harness({"pool": {"workers": 4}})
     old = {p.pid for p in h.programs()}
     web = h.connect()
     answers = []
@@ -123,10 +123,10 @@ def test_reload_replaces_every_child_a_batch_at_a_time_without_a_failed_request(
     assert h.pool.accounting.restarts["reload"] == 4
 
 
-def test_reload_applies_the_new_file_and_a_bad_file_changes_nothing(pool, tmp_path):
+def test_reload_applies_the_new_file_and_a_bad_file_changes_nothing(harness, tmp_path):
     path = tmp_path / "pool.toml"
     path.write_text("[limits]\nmax_waiting = 7\n")
-    h = pool(config_path=str(path))
+    h = harness(config_path=str(path))
     assert h.pool.config.limits.max_waiting == 7
     path.write_text("[limits]\nmax_waiting = 9\n")
     assert h.pool.reload() == ""
@@ -144,8 +144,8 @@ def test_reload_applies_the_new_file_and_a_bad_file_changes_nothing(pool, tmp_pa
 # ---------------------------------------------------------------- scaling
 
 
-def test_scale_up_and_down_and_the_count_survives_a_reload(pool):
-    h = pool()
+def test_scale_up_and_down_and_the_count_survives_a_reload(harness):
+    h = harness()
     h.pool.handle_ttin()
     h.until(lambda: h.pool.children.ready() == 3)
     assert h.pool.scale(1) == ""
@@ -156,8 +156,8 @@ def test_scale_up_and_down_and_the_count_survives_a_reload(pool):
     assert h.pool.children.workers == 1 and len(h.programs()) == 1
 
 
-def test_scale_down_retires_idle_children_first(pool):
-    h = pool({"pool": {"workers": 3}})
+def test_scale_down_retires_idle_children_first(harness):
+    h = harness({"pool": {"workers": 3}})
     web = h.connect()
     running = web.request("/?sleep=10")
     h.until(lambda: any(p.busy for p in h.programs()))
