@@ -101,7 +101,8 @@ def container_root() -> Path:
         build = subprocess.run(
             ["debootstrap", f"--variant={VARIANT}", f"--include={','.join(PACKAGES)}",
              suite, str(partial), MIRROR],
-            capture_output=True, text=True, timeout=900)
+            # The lock stays held while debootstrap runs, even if this process dies first.
+            pass_fds=(lock.fileno(),), capture_output=True, text=True, timeout=900)
         assert build.returncode == 0, f"debootstrap failed:\n{build.stdout[-3000:]}{build.stderr}"
         assert not mountpoints_under(partial), mountpoints_under(partial)
         (partial / "etc" / "fcgipool-test-root.json").write_text(json.dumps(recipe) + "\n")
