@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on Debian bookworm (run as root) and runs it.
-# Real components only: nginx, Apache, QGIS Server, spawn-fcgi, systemd-socket-activate;
-# hadolint and kubernetes-validate come from PyPI with the `test` extra.
+# Real components only: nginx, Apache, QGIS Server, spawn-fcgi, systemd-socket-activate,
+# a systemd booted by systemd-nspawn in a debootstrapped Debian root (tests/test_systemd_boot.py
+# builds it once into /var/cache/fcgipool-tests/, from deb.debian.org); hadolint and
+# kubernetes-validate come from PyPI with the `test` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nginx-light apache2 libapache2-mod-fcgid multiwatch qgis-server spawn-fcgi libfcgi-bin libfcgi-dev wrk systemd python3-venv python3-dev gcc util-linux prometheus chromium valgrind)
+packages=(nginx-light apache2 libapache2-mod-fcgid multiwatch qgis-server spawn-fcgi libfcgi-bin libfcgi-dev wrk systemd systemd-container debootstrap python3-venv python3-dev gcc util-linux prometheus chromium valgrind)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
