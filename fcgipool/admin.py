@@ -63,6 +63,9 @@ class ControlServer:
             answer = self.execute(line[:_MAX_COMMAND])
         except (TimeoutError, ConnectionError):
             answer = {"ok": False, "error": "no command received"}
+        except Exception as error:  # a bug: the operator gets an answer, the log the cause
+            log.exception("control_failed", error=repr(error))
+            answer = {"ok": False, "error": f"the pool failed to carry it out: {error!r}"}
         writer.write(json.dumps(answer).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await writer.drain()

@@ -89,8 +89,10 @@ class Pool:
         loop: asyncio.AbstractEventLoop,
         processes: Processes | None = None,
         notify: Callable[[str], object] = systemd.notify,
+        euid: int | None = None,
     ) -> None:
         self.loop = loop
+        self.euid = os.geteuid() if euid is None else euid  # who the pool runs as
         self.config = config
         self.config_path = config_path
         self.overrides = dict(overrides or {})
@@ -361,9 +363,12 @@ class Pool:
             return "the pool is stopping"
         try:
             new = config_module.build(self.config_path, self.overrides)
+            problems = config_module.runtime_problems(new, self.euid)
         except config_module.ConfigError as error:
-            log.error("reload_failed", problems=error.problems)
-            return "; ".join(error.problems)
+            problems = error.problems
+        if problems:  # the same checks as at start: users and groups exist, no root children
+            log.error("reload_failed", problems=problems)
+            return "; ".join(problems)
         if new.pool.bind != self.config.pool.bind:
             log.warning("reload_ignores", key="pool.bind", reason="sockets change on restart")
             new.pool.bind = self.config.pool.bind

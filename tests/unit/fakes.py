@@ -506,7 +506,7 @@ class Harness:
         self.config = configuration.build(config_path, overrides or {}, environ={})
         self.processes = FakeProcesses(self.loop)
         self.notes: list[str] = []
-        self.pool = Pool(self.config, config_path, overrides, loop=self.loop,
+        self.pool = Pool(self.config, config_path, overrides, loop=self.loop, euid=1000,
                          processes=self.processes, notify=self.notes.append)  # fmt: skip
         self.processes.on_exit = self.pool.handle_chld
         if start:

@@ -137,8 +137,13 @@ def test_reload_applies_the_new_file_and_a_bad_file_changes_nothing(harness, tmp
     problem = h.pool.reload()
     assert problem.startswith("limits.max_waiting:")
     assert h.pool.config.limits.max_waiting == 9 and h.pool.lifecycle is Lifecycle.RUNNING
+    path.write_text('[child]\nuser = "no-such-user-here"\n')
+    problem = h.pool.reload()
+    assert "child.user: no such user or group 'no-such-user-here'" in problem
+    assert "child.user: switching user needs the pool to start as root" in problem
     h.run(5)
-    assert {p.pid for p in h.programs()} == pids
+    assert {p.pid for p in h.programs()} == pids and h.pool.lifecycle is Lifecycle.RUNNING
+    assert h.notes.count("RELOADING=1") == 1
 
 
 # ---------------------------------------------------------------- scaling
