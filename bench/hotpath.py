@@ -124,7 +124,7 @@ def measure(requests: int, profile: bool, without: tuple[str, ...] = ()) -> floa
         {},
     )  # fmt: skip
     logs.configure(config.log.format, config.log.level, config.log.file)
-    return _event_loop_runner(config.pool.event_loop)(_measure(config, requests, profile))
+    return _event_loop_runner(config.pool.event_loop)[1](_measure(config, requests, profile))
 
 
 class NoProcesses:

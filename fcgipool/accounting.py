@@ -7,12 +7,13 @@ turns them into Prometheus families when scraped, and the status document reads 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import logs
-from .metrics import Histogram
+from .metrics import BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from .request import Request
@@ -63,6 +64,9 @@ class Accounting:
         if histogram is None:
             histogram = self.duration[klass] = Histogram()
             self.queue_wait[klass] = Histogram()
-        histogram.observe(duration)
-        self.queue_wait[klass].observe(wait)
+        histogram.counts[bisect_left(BUCKETS, duration)] += 1  # Histogram.observe, inlined
+        histogram.total += duration
+        waits = self.queue_wait[klass]
+        waits.counts[bisect_left(BUCKETS, wait)] += 1
+        waits.total += wait
         self.response_bytes += size

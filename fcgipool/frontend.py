@@ -136,19 +136,33 @@ class FrontConnection(asyncio.Protocol):
         except ProtocolError as error:
             self.abort(f"protocol error: {error}")
             return
-        for event in events:
+        requests = self.requests
+        count = len(events)
+        index = 0
+        while index < count:
+            event = events[index]
+            index += 1
             if isinstance(event, Stdin):
-                request = self.requests.get(event.request_id)
+                request = requests.get(event.request_id)
                 if request is not None:
                     request.on_stdin(event.data)
             elif isinstance(event, BeginRequest):
                 self._begin(event)
             elif isinstance(event, Params):
-                request = self.requests.get(event.request_id)
+                # A body that ends in the same read (a GET's empty one) comes with them, so
+                # that the child gets the whole request in one write.
+                following = events[index] if index < count else None
+                ended = (
+                    isinstance(following, Stdin)
+                    and not following.data
+                    and following.request_id == event.request_id
+                )
+                index += ended
+                request = requests.get(event.request_id)
                 if request is not None and not self._answer_locally(request, event.params):
-                    request.on_params(event.params, event.raw)
+                    request.on_params(event.params, event.raw, ended)
             elif isinstance(event, AbortRequest):
-                request = self.requests.get(event.request_id)
+                request = requests.get(event.request_id)
                 if request is not None:
                     request.abort()
             elif isinstance(event, GetValues):
@@ -189,7 +203,9 @@ class FrontConnection(asyncio.Protocol):
 
     def relay(self, request_id: int, records: bytes, starts: list[int], ended: bool) -> None:
         """A child's records for the request ``request_id`` (the last one ends it)."""
-        self.write(self.codec.relay(request_id, records, starts, ended))
+        data = self.codec.relay(request_id, records, starts, ended)
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     def respond(
         self,

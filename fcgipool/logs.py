@@ -71,25 +71,23 @@ class _AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def _timestamp(self) -> str:
+    def write(self, values: tuple[Any, ...]) -> None:
+        """One request's values, in the order of ACCESS_FIELDS; wait_ms and ms unrounded (the
+        console line formats them with two decimals, which costs less than round())."""
         now = time.time()
         second = int(now)
         if second != self._second:  # strftime once a second
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
-
-    def write(self, values: tuple[Any, ...]) -> None:
-        """One request's values, in the order of ACCESS_FIELDS; wait_ms and ms unrounded (the
-        console line formats them with two decimals, which costs less than round())."""
+        stamp = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
         if self.json:
-            entry: dict[str, Any] = {"timestamp": self._timestamp(), "event": "access"}
+            entry: dict[str, Any] = {"timestamp": stamp, "event": "access"}
             entry.update(zip(ACCESS_FIELDS, values, strict=True))
             for name in _MILLISECONDS:
                 entry[name] = round(entry[name], 2)
             self.batch.lines.append(json.dumps(entry) + "\n")
         else:
-            self.batch.lines.append(_CONSOLE_LINE % (self._timestamp(), *values))
+            self.batch.lines.append(_CONSOLE_LINE % (stamp, *values))
 
 
 _output = _Output()
@@ -118,10 +116,9 @@ def configure(fmt: str = "console", level: str = "info", path: str = "") -> None
     _access_log.json = fmt == "json"
 
 
-def access(values: tuple[Any, ...]) -> None:
-    """Log one request (values in the order of ACCESS_FIELDS); see _Batched for when it is
-    written: call flush_access() now and then."""
-    _access_log.write(values)
+# Log one request (values in the order of ACCESS_FIELDS); see _Batched for when it is
+# written: call flush_access() now and then. The method itself: one call less per request.
+access = _access_log.write
 
 
 def flush_access() -> None:

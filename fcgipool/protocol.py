@@ -99,33 +99,35 @@ def decode_pairs(data: bytes) -> dict[bytes, bytes]:
     The fast path runs on every request; a malformed stream is decoded again by the
     careful decoder, which names the problem.
     """
-    data = bytes(data)
     pairs: dict[bytes, bytes] = {}
     pos, end = 0, len(data)
-    unpack = _LEN4.unpack_from
     try:
         while pos < end:
             name_len = data[pos]
-            if name_len < 128:  # both lengths' first bytes read, then the rare long forms
-                value_len = data[pos + 1]
-                pos += 2
-            else:
-                name_len = unpack(data, pos)[0] & 0x7FFFFFFF
+            value_len = data[pos + 1]
+            if name_len < 128 and value_len < 128:  # the short forms: nearly every pair
+                middle = pos + 2 + name_len
+                stop = middle + value_len
+                pairs[data[pos + 2 : middle]] = data[middle:stop]
+                pos = stop
+                continue
+            if name_len >= 128:
+                name_len = _LEN4.unpack_from(data, pos)[0] & 0x7FFFFFFF
                 value_len = data[pos + 4]
                 pos += 5
+            else:
+                pos += 2
             if value_len >= 128:
-                value_len = unpack(data, pos - 1)[0] & 0x7FFFFFFF
+                value_len = _LEN4.unpack_from(data, pos - 1)[0] & 0x7FFFFFFF
                 pos += 3
             middle = pos + name_len
             stop = middle + value_len
-            if stop > end:
-                break
             pairs[data[pos:middle]] = data[middle:stop]
             pos = stop
-        else:
-            return pairs
     except (IndexError, struct.error):
         pass
+    if pos == end:  # a pair longer than the stream made ``pos`` overshoot
+        return pairs
     return _decode_pairs_checked(data)
 
 
@@ -159,8 +161,15 @@ def _decode_pairs_checked(data: bytes) -> dict[bytes, bytes]:
 
 def encode_params(request_id: int, params: Mapping[bytes, bytes] | bytes) -> bytes:
     """PARAMS records plus the empty one that ends the stream. Raw encoded pairs pass as is."""
-    body = params if isinstance(params, (bytes, bytearray)) else encode_pairs(params.items())
-    return encode_stream(_PARAMS, request_id, bytes(body)) + encode_record(_PARAMS, request_id)
+    body = bytes(params) if isinstance(params, (bytes, bytearray)) else encode_pairs(params.items())
+    length = len(body)
+    if not length or length > MAX_CONTENT:
+        return encode_stream(_PARAMS, request_id, body) + encode_record(_PARAMS, request_id)
+    pad = -length & 7
+    return b"".join((
+        HEADER.pack(VERSION, _PARAMS, request_id, length, pad), body, _PADDING[pad],
+        HEADER.pack(VERSION, _PARAMS, request_id, 0, 0),
+    ))  # fmt: skip
 
 
 def encode_begin_request(
@@ -389,42 +398,73 @@ class ServerConnection:
     anything malformed raises :class:`ProtocolError`.
     """
 
-    __slots__ = ("_params", "_reader", "active", "max_params", "receiving")
+    __slots__ = ("_buffer", "_params", "active", "max_params", "receiving")
 
     def __init__(self, max_params: int = 1 << 20) -> None:
-        self._reader = RecordReader()
-        self._params: dict[int, bytearray | None] = {}
+        self._buffer = b""  # at most one incomplete record
+        self._params: dict[int, bytes | bytearray | None] = {}  # None: PARAMS ended
         self.active: set[int] = set()
         self.receiving: set[int] = set()  # PARAMS or STDIN not ended yet
         self.max_params = max_params
 
     def feed(self, data: bytes) -> list[Event]:
+        """Events of the whole records in what came so far (the framing of RecordReader,
+        in the same loop: this runs for every request)."""
+        buffer = self._buffer + data if self._buffer else data
         events: list[Event] = []
-        for rtype, request_id, content in self._reader.feed(data):
-            if request_id == 0:
-                events.append(self._management(rtype, content))
-            elif rtype == _STDIN:
-                if request_id in self.active:
+        active = self.active
+        pos, end = 0, len(buffer)
+        unpack = HEADER.unpack_from
+        while end - pos >= 8:
+            version, rtype, request_id, length, pad = unpack(buffer, pos)
+            if version != VERSION:
+                raise ProtocolError(f"unsupported FastCGI version {version}")
+            start = pos + 8
+            stop = start + length
+            if stop + pad > end:
+                break
+            pos = stop + pad
+            content = buffer[start:stop] if length else b""
+            if rtype == _PARAMS and request_id:
+                parts = self._params.get(request_id)
+                if parts is None:  # not begun, or ended: dropped, unless it says more
+                    if request_id in active and length:
+                        raise ProtocolError(f"PARAMS after the end of the stream, id {request_id}")
+                elif length:
+                    if not parts:  # the first record is kept as it came: most send one
+                        parts = content
+                    else:  # a running buffer, not a list summed on every record (quadratic)
+                        if isinstance(parts, bytes):
+                            parts = bytearray(parts)
+                        parts += content
+                    if len(parts) > self.max_params:
+                        raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
+                    self._params[request_id] = parts
+                else:
+                    self._params[request_id] = None
+                    raw = bytes(parts)
+                    events.append(Params(request_id, decode_pairs(raw), raw))
+            elif rtype == _STDIN and request_id:
+                if request_id in active:
                     if self._params.get(request_id) is not None:
                         raise ProtocolError(f"STDIN before the end of PARAMS, id {request_id}")
                     events.append(Stdin(request_id, content))
-                if not content:
+                if not length:
                     self.receiving.discard(request_id)
-            elif rtype == _PARAMS:
-                event = self._add_params(request_id, content)
-                if event is not None:
-                    events.append(event)
+            elif request_id == 0:
+                events.append(self._management(rtype, content))
             elif rtype == _BEGIN:
                 events.append(self._begin(request_id, content))
             elif rtype == RecordType.ABORT_REQUEST:
                 self.receiving.discard(request_id)  # the web server sends no more of it
-                if request_id in self.active:
+                if request_id in active:
                     events.append(AbortRequest(request_id))
             elif rtype == RecordType.DATA:
-                if request_id in self.active:
+                if request_id in active:
                     events.append(Data(request_id, content))
             else:
                 raise ProtocolError(f"record type {rtype} is not sent by a web server")
+        self._buffer = buffer[pos:] if pos < end else b""
         return events
 
     # Encoding what ends a request: each marks its id free for reuse.
@@ -488,25 +528,8 @@ class ServerConnection:
         role, flags = _BEGIN_BODY.unpack(content)
         self.active.add(request_id)
         self.receiving.add(request_id)
-        self._params[request_id] = bytearray()
+        self._params[request_id] = b""
         return BeginRequest(request_id, role, bool(flags & KEEP_CONN))
-
-    def _add_params(self, request_id: int, content: bytes) -> Params | None:
-        parts = self._params.get(request_id)
-        if parts is None:
-            if request_id in self.active and content:
-                raise ProtocolError(f"PARAMS after the end of the stream, id {request_id}")
-            return None
-        if content:
-            # A running buffer, not a list summed on every record: that was quadratic in
-            # the number of PARAMS records (a peer sending 1-byte records froze the loop).
-            parts += content
-            if len(parts) > self.max_params:
-                raise ProtocolError(f"PARAMS larger than {self.max_params} bytes")
-            return None
-        self._params[request_id] = None
-        raw = bytes(parts)
-        return Params(request_id, decode_pairs(raw), raw)
 
 
 class ClientConnection:

@@ -60,6 +60,7 @@ _BEGIN = {  # the BEGIN_REQUEST record sent to a child, by FCGI_KEEP_CONN
 _REPEATABLE = (b"GET", b"HEAD")
 ABORTED = 499  # nginx's code for a request whose client went away
 _HEAD_LIMIT = 8192  # the CGI headers are read from this much of the first output, not all
+_STDOUT = int(RecordType.STDOUT)
 
 
 class State(StateEnum):
@@ -81,7 +82,25 @@ class Event(StateEnum):
     END = "end"
 
 
-MACHINE: dict[State, dict[Event, State]] = {
+class _Moves(dict[Event, State]):
+    """The moves out of one state; any other raises (a missing key is a bug, not a miss)."""
+
+    state: State
+
+    def __missing__(self, event: Event) -> State:
+        raise IllegalTransition(f"{event.value} in state {self.state.value}")
+
+
+def _table(moves: dict[State, dict[Event, State]]) -> dict[State, _Moves]:
+    table = {}
+    for state, out in moves.items():
+        table[state] = _Moves(out)
+        table[state].state = state
+    return table
+
+
+# Every state and every allowed move: ``self.state = MACHINE[self.state][event]``.
+MACHINE: dict[State, _Moves] = _table({
     State.RECEIVING: {Event.ADMIT: State.QUEUED, Event.END: State.DONE},
     State.QUEUED: {Event.ASSIGN: State.CONNECTING, Event.END: State.DONE},
     State.CONNECTING: {
@@ -97,7 +116,7 @@ MACHINE: dict[State, dict[Event, State]] = {
     },
     State.RESPONDING: {Event.END: State.DONE},
     State.DONE: {},
-}
+})  # fmt: skip
 
 
 class Reply(StateEnum):
@@ -197,35 +216,37 @@ class Request:
     def uri(self) -> str:
         return self.params.get(b"REQUEST_URI", b"").decode("latin-1")
 
-    def _move(self, event: Event) -> None:
-        try:
-            self.state = MACHINE[self.state][event]
-        except KeyError:
-            raise IllegalTransition(f"{event.value} in state {self.state.value}") from None
-
     # ------------------------------------------------------------ from the web server
 
-    def on_params(self, params: dict[bytes, bytes], raw: bytes) -> None:
+    def on_params(self, params: dict[bytes, bytes], raw: bytes, body_ended: bool) -> None:
+        """PARAMS are in; with ``body_ended`` the (empty) body too."""
         self.params, self.raw_params = params, raw
+        ctx = self.ctx
         declared = params.get(b"CONTENT_LENGTH", b"")
         length = int(declared) if declared.isdigit() else 0
-        if length > self.ctx.limits.max_body_size:
+        if length > ctx.limits.max_body_size:
             self.respond(413, b"Request body too large\n")
-        elif self.ctx.admission.wants_body(params, length) and not self.body_done:
+            return
+        if body_ended:
+            self.body_done = True
+            self._pending.append(_STDIN_END)
+            self._pending_size += len(_STDIN_END)
+        elif ctx.admission.wants_body(params, length):
             self._body_head = bytearray()  # the OGC request may be in the body: wait for it
-        else:
-            self._admit(None)
+            return
+        self._admit(None)
 
     def _admit(self, body: bytes | None) -> None:
-        refusal = self.ctx.admission.admit(self, body)
+        ctx = self.ctx
+        refusal = ctx.admission.admit(self, body)
         if refusal is not None:
             self.respond(*refusal)
             return
-        self._move(Event.ADMIT)
-        head = _BEGIN[self.ctx.keep_conn] + encode_params(CHILD_REQUEST_ID, self.raw_params)
+        self.state = MACHINE[self.state][Event.ADMIT]
+        head = _BEGIN[ctx.keep_conn] + encode_params(CHILD_REQUEST_ID, self.raw_params)
         self._pending.insert(0, head)
         self._pending_size += len(head)
-        self.ctx.dispatcher.submit(self)
+        ctx.dispatcher.submit(self)
 
     def on_stdin(self, data: bytes) -> None:
         if self.body_done:  # nothing may follow the end of the body
@@ -267,7 +288,7 @@ class Request:
 
     def start(self, child: Child) -> None:
         """The dispatcher gives this request a free child."""
-        self._move(Event.ASSIGN)
+        self.state = MACHINE[self.state][Event.ASSIGN]
         ctx = self.ctx
         self.child = child
         ctx.children.assign(child, self)
@@ -299,18 +320,23 @@ class Request:
             self._retry_or_fail()
 
     def _attach(self, connection: ChildConnection, reused: bool) -> None:
-        self._move(Event.CONNECT)
+        self.state = MACHINE[self.state][Event.CONNECT]
         self.connection = connection
         self._reused = reused
         connection.handler = self
-        connection.hold(self.front.write_paused)
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        front = self.front
+        if connection.paused is not front.write_paused:
+            connection.hold(front.write_paused)
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
         connection.write(data)
-        self._pending.clear()
+        self._pending = []
         self._pending_size = 0
-        self._sent, self._sent_size = [], 0
-        self._keep_sent(data)
-        self.front.release_reading(self)
+        self._sent, self._sent_size = [data], len(data)
+        if self._sent_size > self.ctx.limits.body_buffer:
+            self._sent = None
+        if front.reading_held_by:
+            front.release_reading(self)
 
     def _keep_sent(self, data: bytes) -> None:
         if self._sent is not None:
@@ -323,9 +349,9 @@ class Request:
         self, records: bytes, starts: list[int], has_output: bool, end: EndRequest | None
     ) -> None:
         if has_output and self.state is State.RUNNING:
-            self._move(Event.ANSWER)
+            self.state = MACHINE[self.state][Event.ANSWER]
             self._sent = None
-            self.status = response_status(stdout_content(records, starts, _HEAD_LIMIT))
+            self.status = _answer_status(records, starts)
         self.front.relay(self.request_id, records, starts, end is not None)
         self.bytes_out += len(records)
         if end is not None:
@@ -356,7 +382,7 @@ class Request:
             and child.state is ChildState.BUSY  # still ours: again on the same child
         ):
             self._replayed = True
-            self._move(Event.REPLAY)
+            self.state = MACHINE[self.state][Event.REPLAY]
             self.ctx.loop.create_task(self._connect(child))
             return
         self.child = None
@@ -373,7 +399,7 @@ class Request:
         self._retried = True
         log.info("request_retried", uri=self.uri, pid=self.served_by)
         self.ctx.dispatcher.released(self)
-        self._move(Event.REQUEUE)
+        self.state = MACHINE[self.state][Event.REQUEUE]
         self.ctx.dispatcher.submit(self, first=True)
 
     def _repeatable(self) -> bool:
@@ -431,7 +457,7 @@ class Request:
         """Every ending, once: give back the queue place or the child, tell the web
         server as ``reply`` says, count it."""
         state = self.state
-        self._move(Event.END)
+        self.state = MACHINE[self.state][Event.END]
         ctx = self.ctx
         self.status = status
         if state is State.QUEUED:
@@ -457,3 +483,16 @@ class Request:
             else:
                 ctx.children.abandon(child)
         ctx.accounting.request_done(self)
+
+
+def _answer_status(records: bytes, starts: list[int]) -> int:
+    """The status of an answer, from its first records: from the first STDOUT record when
+    the whole CGI head is in it (the common case), else from the first 8 KiB of output."""
+    for start in starts:
+        if records[start + 1] == _STDOUT:
+            length = (records[start + 4] << 8) | records[start + 5]
+            first = records[start + 8 : start + 8 + length]
+            if b"\r\n\r\n" in first or b"\n\n" in first:
+                return response_status(first)
+            break
+    return response_status(stdout_content(records, starts, _HEAD_LIMIT))
