@@ -42,6 +42,9 @@ class PoolView(Protocol):
     def reloads(self) -> int: ...
     @property
     def stopping(self) -> bool: ...
+    @property
+    def state(self) -> str:
+        """The pool's Lifecycle, by name."""
     def now(self) -> float: ...
     def uptime(self) -> float: ...
     def readiness(self) -> tuple[bool, str]: ...
@@ -106,6 +109,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             "max_failure_pressure": pool.config.pool.max_failure_pressure,
             "stopping": pool.stopping,
             "ready": pool.readiness()[0],
+            "state": pool.state,
         },
         "children": rows,
     }

@@ -140,6 +140,10 @@ class Pool:
     def stopping(self) -> bool:
         return self.lifecycle in (Lifecycle.DRAINING, Lifecycle.STOPPED)
 
+    @property
+    def state(self) -> str:
+        return self.lifecycle.value
+
     def now(self) -> float:
         return self.loop.time()
 

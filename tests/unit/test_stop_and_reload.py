@@ -110,6 +110,7 @@ def test_reload_replaces_every_child_a_batch_at_a_time_without_a_failed_request(
     h.processes.on_spawn = lambda program: setattr(program.probe, "after", 0.5)
     assert h.pool.reload() == ""
     assert h.pool.lifecycle is Lifecycle.RELOADING and h.notes[-1] == "RELOADING=1"
+    assert h.pool.status()["pool"]["state"] == "reloading"
     request_id = 0
     while not watch():
         request_id += 1
