@@ -78,6 +78,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
                     "method": request.params.get(b"REQUEST_METHOD", b"").decode("latin-1"),
                     "uri": request.uri,
                     "elapsed": round(now - (request.started or now), 3),
+                    "state": request.state.value,
                 },
                 "rss": children.rss(child),
                 "cpu_percent": children.cpu_percent(child),

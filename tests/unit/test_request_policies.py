@@ -33,6 +33,7 @@ def test_request_timeout_answers_504_at_once_then_the_child_is_cancelled(harness
     assert TIMEOUT < h.now() - started <= TIMEOUT + 0.2, "504 within a tick of the timeout"
     assert response.status == 504 and response.ends == 1
     (program,) = [p for p in h.programs() if p.served]
+    assert all(row["request"] is None for row in h.pool.status()["children"])
     # The child was told (FCGI_ABORT_REQUEST, connection closed) and probed...
     assert program.child.state is State.RECOVERING
     h.run(CANCEL - 0.2)
@@ -86,6 +87,8 @@ def occupy_all(h):
         web.request("/?sleep=1000", request_id=request_id)
     h.until(lambda: h.pool.children.ready() == 2
             and all(p.busy for p in h.programs()), what="both busy")  # fmt: skip
+    rows = h.pool.status()["children"]
+    assert [row["request"]["state"] for row in rows] == ["running", "running"]
     return web
 
 
