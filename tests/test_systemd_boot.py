@@ -11,9 +11,10 @@ python3, no procps, so no /bin/kill) of the host's release, built once into
 it; the build goes to a temporary directory renamed into place when complete, so an
 interrupted build is never used.  Each run boots it with --volatile=overlay: whatever the
 container writes goes to a tmpfs and the cached root stays as built.  The repository (and
-its virtualenv, whose python is /usr/bin/python3) is bind-mounted read-only at the same
-path, /usr/local/bin/fcgipool is a symlink to the virtualenv's script, and the children are
-tests/apps/wsgi_app.py run as `nobody`.  The container shares the host's network and pid
+its virtualenv, whose python is /usr/bin/python3) is bind-mounted read-only at
+/opt/fcgipool-test/ (not at its host path, which may be under /tmp, hidden from the service
+by PrivateTmp=yes), /usr/local/bin/fcgipool runs the package from there, and the children
+are tests/apps/wsgi_app.py run as `nobody`.  The container shares the host's network and pid
 numbers differ: the test reaches the pool's sockets as /proc/LEADER/root/run/fcgipool/...
 and runs systemctl inside with nsenter.
 """
@@ -41,8 +42,14 @@ import pytest
 from conftest import APPS, REPO, WSGI_APP, to_toml, wait_for
 from fcgipool import client
 
-BIN = Path(sys.executable).parent
 UNITS = REPO / "systemd"
+# Where the container sees the checkout and its virtualenv: not at their host paths, which
+# may lie under /tmp (a CI clone), hidden from the service by the unit's PrivateTmp=yes.
+INSIDE = Path("/opt/fcgipool-test")
+SOURCE = INSIDE / "repo"
+VENV = (SOURCE / Path(sys.prefix).relative_to(REPO) if Path(sys.prefix).is_relative_to(REPO)
+        else INSIDE / "venv")  # fmt: skip
+PYTHON = VENV / "bin" / "python"  # the venv's python: /usr/bin/python3 with its site-packages
 CACHE = Path(os.environ.get("FCGIPOOL_TEST_CACHE", "/var/cache/fcgipool-tests"))
 MIRROR = "http://deb.debian.org/debian"
 VARIANT = "minbase"
@@ -119,7 +126,9 @@ class Container:
     def __init__(self, root: Path, log: Path):
         self.log_path = log
         self.machine = f"fcgipool-test-{os.getpid()}"
-        binds = [REPO] + ([] if Path(sys.prefix).is_relative_to(REPO) else [Path(sys.prefix)])
+        binds = {REPO: SOURCE}
+        if not Path(sys.prefix).is_relative_to(REPO):
+            binds[Path(sys.prefix)] = VENV
         # --register=no --keep-unit: no systemd-machined and no system bus on the host
         # needed (this host's PID 1 need not be systemd).  The container gets the unified
         # cgroup hierarchy (cgroup v2 only) as a Debian 12 host has it, whatever the host's
@@ -127,8 +136,8 @@ class Container:
         command = ["systemd-nspawn", "--boot", f"--directory={root}",
                    f"--machine={self.machine}", "--register=no", "--keep-unit",
                    "--volatile=overlay", "--console=read-only",
-                   *(f"--bind-ro={path}" for path in binds)]
-        self.binds = binds
+                   *(f"--bind-ro={host}:{inside}" for host, inside in binds.items())]
+        self.binds = list(binds.values())
         self.leader = 0
         self.root = Path("/nonexistent")
         self.volatile: Path | None = None
@@ -261,7 +270,11 @@ def box(tmp_path_factory) -> Iterator[Container]:
         for name in ("fcgipool@.service", "fcgipool@.socket"):
             shutil.copyfile(UNITS / name, system / name)  # as they are
             os.chmod(system / name, 0o644)
-        (container.root / "usr/local/bin/fcgipool").symlink_to(BIN / "fcgipool")
+        # The venv's own script names the venv's host path: run the package from the
+        # checkout instead (the editable install points at the host path too).
+        wrapper = container.root / "usr/local/bin/fcgipool"
+        wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={SOURCE} exec {PYTHON} -m fcgipool "$@"\n')
+        wrapper.chmod(0o755)
         (container.root / "etc/fcgipool").mkdir()
         container.check("systemctl", "daemon-reload")
         yield container
@@ -277,7 +290,8 @@ def pool_config(mark: str) -> dict:
     ``mark`` shows in their environment (which config a child was started with)."""
     return {
         "pool": {"workers": 2},
-        "child": {"command": [str(BIN / "python"), str(WSGI_APP)], "cwd": str(APPS),
+        "child": {"command": [str(PYTHON), str(SOURCE / WSGI_APP.relative_to(REPO))],
+                  "cwd": str(SOURCE / APPS.relative_to(REPO)),
                   "user": "nobody", "env": {"MARK": mark},
                   "warmup": [f"/warm?sleep={WARMUP}"]},
         "log": {"level": "info"},
