@@ -545,6 +545,11 @@ class Harness:
     def programs(self) -> list[FakeProgram]:
         return self.processes.alive()
 
+    def busy(self) -> list[FakeProgram]:
+        """Wait until some child works on a request; those that do."""
+        self.until(lambda: any(p.busy for p in self.programs()), what="a busy child")
+        return [program for program in self.programs() if program.busy]
+
     def stop(self, fast: bool = False) -> int:
         """TERM (or QUIT) the pool and wait until it has stopped; its exit code."""
         self.pool.stop(fast)

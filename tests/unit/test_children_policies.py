@@ -188,8 +188,7 @@ def test_a_busy_child_is_recycled_only_after_its_request(harness):
     h = harness({"child": {"max_rss": "200MiB"}})
     web = h.connect()
     response = web.request("/?sleep=20")
-    h.until(lambda: any(p.busy for p in h.programs()))
-    (busy,) = [p for p in h.programs() if p.busy]
+    (busy,) = h.busy()
     busy.rss = 300 * 2**20
     h.run(DEFAULTS.child.rss_interval + 1)
     assert busy.alive and busy.child.retiring == "max_rss"

@@ -63,8 +63,7 @@ def test_abort_while_a_child_runs_cancels_the_child(harness):
     h = harness()
     web = h.connect()
     running = web.request("/?sleep=3")
-    h.until(lambda: any(p.busy for p in h.programs()))
-    (program,) = [p for p in h.programs() if p.busy]
+    (program,) = h.busy()
     web.abort(1)
     h.settle()
     assert running.ends == 1
@@ -121,8 +120,7 @@ def test_the_web_server_going_away_cancels_the_child(harness):
     h = harness()
     web = h.connect()
     web.request("/?hang")
-    h.until(lambda: any(p.busy for p in h.programs()))
-    (program,) = [p for p in h.programs() if p.busy]
+    (program,) = h.busy()
     web.close()
     h.settle()
     assert program.child.state is State.RECOVERING
@@ -214,7 +212,7 @@ def test_a_slow_web_server_holds_the_child_back(harness):
     h = harness()
     web = h.connect()
     response = web.request("/?sleep=1")
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     (connection,) = h.pool.frontend.connections
     connection.pause_writing()
     (request,) = connection.requests.values()

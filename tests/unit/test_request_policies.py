@@ -164,8 +164,7 @@ def test_a_child_that_dies_mid_answer_closes_the_connection(harness):
     h = harness()
     web = h.connect()
     response = web.request("/?sleep=1000")
-    h.until(lambda: any(p.busy for p in h.programs()))
-    (program,) = [p for p in h.programs() if p.busy]
+    (program,) = h.busy()
     end = next(iter(program.connections))
     end.transport.write(b"\x01\x06\x00\x01\x00\x10\x00\x00Status: 200\r\n\r\nhal")
     h.settle()
@@ -210,7 +209,7 @@ def test_a_hanging_child_does_not_hold_the_others(harness):
     h = harness()
     web = h.connect()
     web.request("/?hang", request_id=1)
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     answers = [h.get(f"/n{n}") for n in range(5)]
     assert [response.status for response in answers] == [200] * 5
 

@@ -24,7 +24,7 @@ def test_term_lets_requests_in_flight_finish_then_stops_the_children(harness):
     busy = h.connect()
     running = busy.request("/?sleep=5")
     fresh = h.connect()  # connected, its first request on its way
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     h.pool.handle_term()
     assert h.pool.lifecycle is Lifecycle.DRAINING and "STOPPING=1" in h.notes
     h.settle()
@@ -44,7 +44,7 @@ def test_term_answers_requests_still_running_after_the_grace_period(harness):
     h = harness()
     web = h.connect()
     running = web.request("/?sleep=1000", request_id=1)
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     waiting = []
     web2 = h.connect()
     web3 = h.connect()
@@ -62,7 +62,7 @@ def test_a_request_arriving_on_a_kept_connection_while_draining_is_served(harnes
     h = harness()
     web = h.connect()
     first = web.request("/?sleep=2", request_id=1)
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     h.pool.handle_term()
     second = web.request("/second", request_id=2)
     h.until(lambda: second.end is not None)
@@ -74,7 +74,7 @@ def test_quit_stops_at_once(harness):
     h = harness()
     web = h.connect()
     running = web.request("/?sleep=1000")
-    h.until(lambda: any(p.busy for p in h.programs()))
+    h.busy()
     started = h.now()
     h.pool.handle_quit()
     assert h.wait_stopped() == 0
@@ -166,8 +166,7 @@ def test_scale_down_retires_idle_children_first(harness):
     h = harness({"pool": {"workers": 3}})
     web = h.connect()
     running = web.request("/?sleep=10")
-    h.until(lambda: any(p.busy for p in h.programs()))
-    (busy,) = [p for p in h.programs() if p.busy]
+    (busy,) = h.busy()
     h.pool.scale(1)
     h.until(lambda: len(h.programs()) == 1)
     assert h.programs() == [busy]
