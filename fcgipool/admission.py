@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import logs
 from .classify import Classifier, ogc_from_body
+from .costs import CostModel
 from .protocol import encode_pairs
 
 if TYPE_CHECKING:
@@ -26,8 +27,9 @@ Refusal = tuple[int, bytes]
 
 
 class Admission:
-    def __init__(self, config: Config, classifier: Classifier) -> None:
+    def __init__(self, config: Config, classifier: Classifier, costs: CostModel) -> None:
         self.body_limit = BODY_LIMIT
+        self.costs = costs
         self.configure(config, classifier)
 
     def configure(self, config: Config, classifier: Classifier) -> None:
@@ -53,15 +55,16 @@ class Admission:
         request.request_class = rule.name
         request.timeout = self.timeouts[rule.name]
         project = classifier.project(ogc, params)
-        if not project:
-            return None
-        check = classifier.check(project)
-        request.project = project
-        if not check.allowed:
-            log.warning("project_refused", project=project, uri=request.uri)
-            return 403, b"This project is not served here\n"
-        if check.path:
-            request.params = classifier.rewrite(params, ogc, check.path)
-            request.raw_params = encode_pairs(request.params.items())
-            request.project = check.path
+        if project:
+            check = classifier.check(project)
+            if not check.allowed:
+                request.project = project
+                log.warning("project_refused", project=project, uri=request.uri)
+                return 403, b"This project is not served here\n"
+            if check.path:
+                request.params = classifier.rewrite(params, ogc, check.path)
+                request.raw_params = encode_pairs(request.params.items())
+                project = check.path
+            request.project = project
+        request.kind = self.costs.kind(ogc, project)
         return None

@@ -104,7 +104,9 @@ class Classifier:
         self.by_name = {rule.name: rule for rule in self.rules}
         projects = config.projects
         self.parameter = projects.parameter.upper()
-        self.wanted = ("SERVICE", "REQUEST", self.parameter)
+        tuning = config.tuning  # what a kind of request is made of (costs.py)
+        extra = [name.upper() for name in (*tuning.size_params, *tuning.kind_params)]
+        self.wanted = ("SERVICE", "REQUEST", self.parameter, *extra)
         self.roots = [os.path.realpath(root) for root in projects.allowed_roots]
         self.search_paths = sorted(
             ((alias.rstrip("/"), directory) for alias, directory in projects.search_paths.items()),

@@ -347,9 +347,18 @@ class LimitsSection(_Section):
         "is closed.",
     )
     max_waiting: int = Field(
-        default=64,
+        default=1024,
         ge=0,
-        description="Requests that may wait for a free child, per class; more get 503.",
+        description="Requests that may wait for a free child, per class: a hard bound on "
+        "memory (a waiting GET holds about 4 KiB); more get 503. Whether a request may wait "
+        "is decided first by its predicted wait (tuning.admission).",
+    )
+    max_buffered: ByteSize = Field(
+        default=ByteSize(64 * 2**20),
+        ge=65536,
+        description="Request bytes (PARAMS and bodies) held by all waiting requests together; "
+        "past it the pool stops reading request bodies until children take requests, so "
+        "memory stays bounded however many wait.",
     )
     max_per_client: int = Field(
         default=0,
@@ -504,6 +513,59 @@ class ProjectsSection(_Section):
     )
 
 
+class TuningSection(_Section):
+    kinds: int = Field(
+        default=4096,
+        ge=16,
+        le=1_000_000,
+        description="Request kinds whose cost is learned, least recently seen forgotten "
+        "first. A kind is (project, REQUEST, size bucket of size_params, kind_params).",
+    )
+    kind_params: list[str] = Field(
+        default=["LAYERS"],
+        description="Query parameters that, with the project and REQUEST, make a kind "
+        "(QGIS/WMS: LAYERS).",
+    )
+    size_params: list[str] = Field(
+        default=["WIDTH", "HEIGHT"],
+        description="Query parameters multiplied into the size of an answer (WMS: WIDTH and "
+        "HEIGHT); sizes are bucketed by powers of two of the side (256², 512², ...).",
+    )
+    decay: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Weight of the newest measurement in a kind's mean cost, so the model "
+        "follows change (0.1: about the last 10-20 requests of that kind count).",
+    )
+    admission: Literal["predicted", "count"] = Field(
+        default="predicted",
+        description="predicted: a request is refused (503) at once when its predicted wait "
+        "(the learned cost of the work queued ahead of it, divided by the children that may "
+        "serve it) is above its queue_timeout, and otherwise waits; count: only max_waiting "
+        "bounds the queue.",
+    )
+    order_by_cost: bool = Field(
+        default=True,
+        description="Within a class, a request predicted cheaper goes first, unless the "
+        "oldest waiting request has waited max_reorder_wait: then the oldest goes first.",
+    )
+    max_reorder_wait: Seconds = Field(
+        default=2.0,
+        description="Seconds a request may be passed over by cheaper ones (order_by_cost).",
+    )
+    protect_short: bool = Field(
+        default=True,
+        description="Keep children for short requests: a long request (predicted at least "
+        "long_request) never takes the last free children that short requests have needed "
+        "lately. Off when any class sets `reserved` (that reservation is used instead).",
+    )
+    long_request: Seconds = Field(
+        default=0.5,
+        description="Predicted seconds from which a request is long (protect_short).",
+    )
+
+
 class LogSection(_Section):
     format: Literal["console", "json"] = Field(default="console", description="Log format.")
     level: Literal["debug", "info", "warning", "error"] = Field(
@@ -537,6 +599,11 @@ class Config(_Section):
     projects: ProjectsSection = Field(
         default_factory=ProjectsSection,
         description="Projects (QGIS): affinity, pinned projects, allowed roots.",
+    )
+    tuning: TuningSection = Field(
+        default_factory=TuningSection,
+        description="The self-tuning pool: learned request costs, admission by predicted "
+        "wait, cost order, protection of short requests.",
     )
     classes: list[RequestClass] = Field(
         default_factory=default_classes,

@@ -1,12 +1,23 @@
-"""Admission and picking: per-class queues, priorities, limits, reservations, affinity.
+"""Admission and picking: per-class queues, predicted waits, cost order, limits,
+reservations, affinity.
 
 A request goes to an idle child only (a child's socket accepts connections into its backlog
 even while it is busy, so a connect proves nothing). It may start when its class is under
 ``max_children``, its client under ``limits.max_per_client``, and enough idle children stay
-for the classes whose ``reserved`` children are not in use. Otherwise it waits in its class's
-FIFO queue, bounded by ``max_waiting`` and ``queue_timeout`` (past either: 503 at once). When
-a child frees up, the waiting request of the highest priority that may start takes it: when
-every child is busy on heavy maps, a GetCapabilities goes first.
+for those kept free: the classes' ``reserved`` children, or, by default, the children that
+short requests have needed lately (a long request never takes the last ones while short
+requests keep arriving). Otherwise it waits in its class's queue.
+
+Whether it may wait is decided by its predicted wait (costs.py learns what each kind of
+request costs): the work queued ahead of it divided by the children that may serve it. A
+request whose predicted wait is above its queue_timeout is refused at once (503 and
+Retry-After), however few wait; otherwise it waits, however many wait, up to
+``max_waiting``, the bound on memory. What it admitted still gets a 503 past queue_timeout.
+
+Each queue is ordered by predicted cost, cheapest first, where that starves no one: the
+oldest waiting request goes first once it has waited ``tuning.max_reorder_wait``. Between
+classes, the highest priority first: when every child is busy on heavy maps, a
+GetCapabilities goes first.
 
 Among idle children the one that served the request's project recently is preferred (its
 project cache is warm), else the one whose remembered projects are least in demand.
@@ -15,11 +26,13 @@ project cache is warm), else the one whose remembered projects are least in dema
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import logs
+from .costs import CostModel
 
 if TYPE_CHECKING:
     from .child import Child
@@ -31,10 +44,22 @@ log = logs.get("fcgipool.dispatch")
 
 AFFINITY_LOOKAHEAD = 8  # waiting requests looked at for one whose project a child holds
 AFFINITY_MAX_WAIT = 2.0  # seconds; a head that waited longer is never passed over
+LANES = 16  # cost lanes of a queue: lane n holds predicted costs of 2**(n-1) to 2**n ms
+SHORT_WINDOW = 10.0  # seconds over which the children used by short requests are averaged
+
+
+def lane(cost: float) -> int:
+    """The queue lane of a predicted cost: 0 below 1 ms, then one lane per doubling."""
+    return min(LANES - 1, max(0, math.frexp(cost * 1000.0)[1]))
 
 
 class ClassQueue:
-    """The waiting requests and the running count of one request class."""
+    """The waiting requests and the running count of one request class.
+
+    Waiting requests are kept in lanes by predicted cost, each lane in arrival order, with
+    the predicted work of each lane, so that the next request, the oldest and the work
+    ahead of a new one are found by looking at the lanes, not at every request.
+    """
 
     def __init__(self, rule: Rule, config: Config) -> None:
         spec = rule.spec
@@ -47,23 +72,108 @@ class ClassQueue:
         )
         self.queue_timeout = spec.queue_timeout or config.limits.queue_timeout
         self.request_timeout = spec.request_timeout or config.timeouts.request
-        self.waiting: deque[Request] = deque()
+        self.lanes: list[deque[Request]] = [deque() for _ in range(LANES)]
+        self.work = [0.0] * LANES  # predicted seconds waiting, per lane
+        self.length = 0
         self.running = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Request]:
+        """The waiting requests, cheapest lane first."""
+        return itertools.chain.from_iterable(self.lanes)
+
+    def push(self, request: Request, first: bool = False) -> None:
+        n = request.lane
+        if first:
+            self.lanes[n].appendleft(request)
+        else:
+            self.lanes[n].append(request)
+        self.work[n] += request.cost
+        self.length += 1
+
+    def remove(self, request: Request) -> bool:
+        n = request.lane
+        try:
+            self.lanes[n].remove(request)
+        except ValueError:
+            return False
+        self._removed(n, request)
+        return True
+
+    def pop(self, n: int) -> Request:
+        request = self.lanes[n].popleft()
+        self._removed(n, request)
+        return request
+
+    def _removed(self, n: int, request: Request) -> None:
+        self.length -= 1
+        self.work[n] = self.work[n] - request.cost if self.lanes[n] else 0.0
+
+    def take(self, other: ClassQueue) -> None:
+        """Take over the waiting requests of ``other`` (a class a reload removed)."""
+        for n, waiting in enumerate(other.lanes):
+            self.lanes[n].extend(waiting)
+            self.work[n] += other.work[n]
+        self.length += other.length
+        self.running += other.running
+
+    def oldest(self) -> int:
+        """The lane whose head has waited longest; -1 when nothing waits."""
+        best, since = -1, math.inf
+        for n, waiting in enumerate(self.lanes):
+            if waiting and waiting[0].queued_at < since:
+                best, since = n, waiting[0].queued_at
+        return best
+
+    def cheapest(self) -> int:
+        for n, waiting in enumerate(self.lanes):
+            if waiting:
+                return n
+        return -1
+
+    def work_through(self, n: int) -> float:
+        """Predicted seconds of the requests that go before a new one in lane ``n``."""
+        return sum(self.work[: n + 1])
+
+    @property
+    def total_work(self) -> float:
+        return sum(self.work)
 
 
 class Dispatcher:
-    def __init__(self, config: Config, rules: list[Rule], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rules: list[Rule],
+        clock: Callable[[], float],
+        costs: CostModel | None = None,
+    ) -> None:
         self.clock = clock
+        self.costs = costs if costs is not None else CostModel(config.tuning)
         self.idle: list[Child] = []  # a stack: the child used last is warmest
+        self.members: set[Child] = set()  # ready children, busy or idle, until they stop
         self.classes: dict[str, ClassQueue] = {}
         self.by_priority: list[ClassQueue] = []
         self.clients: Counter[bytes] = Counter()
         self.popularity: Counter[str] = Counter()
+        self.long_running = 0
+        self.short_running = 0
+        self.short_demand = 0.0  # children short requests used, averaged over SHORT_WINDOW
+        self.short_seen = 0.0  # when short_demand was last brought up to date
+        self.refused = 0  # refused on predicted wait
         self.configure(config, rules)
 
     def configure(self, config: Config, rules: list[Rule]) -> None:
         """(Re)build the classes; waiting requests and counts of kept classes stay."""
         self.limits = config.limits
+        tuning = self.tuning = config.tuning
+        self.costs.configure(tuning)
+        self.by_wait = tuning.admission == "predicted"
+        self.ordered = tuning.order_by_cost
+        self.long_request = tuning.long_request
+        self.debug = config.log.level == "debug"
         self.memory = config.projects.memory
         self.pinned = config.projects.pinned
         self.max_per_client = config.limits.max_per_client
@@ -73,13 +183,14 @@ class Dispatcher:
         for rule in rules:
             queue = ClassQueue(rule, config)
             if rule.name in old:
-                queue.waiting, queue.running = old[rule.name].waiting, old[rule.name].running
+                queue.take(old[rule.name])
             self.classes[rule.name] = queue
         for name, queue in old.items():  # a removed class: its requests move to default
             if name not in self.classes:
-                self.classes["default"].waiting.extend(queue.waiting)
-                self.classes["default"].running += queue.running
+                self.classes["default"].take(queue)
         self.by_priority = sorted(self.classes.values(), key=lambda q: -q.priority)
+        explicit = any(queue.reserved for queue in self.classes.values())
+        self.protect = tuning.protect_short and not explicit
         # No class limit, reservation or client limit: any idle child may take any request.
         self.unlimited = not self.max_per_client and not any(
             queue.max_children or queue.reserved for queue in self.classes.values()
@@ -87,34 +198,80 @@ class Dispatcher:
 
     @property
     def waiting(self) -> int:
-        return sum(len(queue.waiting) for queue in self.classes.values())
+        return sum(queue.length for queue in self.classes.values())
+
+    def backlog(self) -> float:
+        """Predicted seconds of work of every waiting request."""
+        return sum(queue.total_work for queue in self.classes.values())
 
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: Request, first: bool = False) -> None:
-        """Start ``request`` on an idle child, else queue it. ``first`` puts a request that
-        is being retried at the head of its queue, past the bound: it was admitted before."""
+        """Start ``request`` on an idle child, else queue it, or refuse it when its
+        predicted wait is above its queue timeout. ``first`` puts a request that is being
+        retried at the head of its lane, past every bound: it was admitted before."""
         queue = self.classes[request.request_class]
-        if self.idle and (self.unlimited or self._may_start(queue, request)):
+        if not first:
+            cost = request.cost = self.costs.predict(request.kind, queue.name)
+            request.lane = lane(cost) if self.ordered else 0
+            request.long = cost >= self.long_request
+        if self.idle and self._may_start(queue, request):
             self._start(queue, request)
             return
-        if not first and len(queue.waiting) >= queue.max_waiting:
-            log.warning("queue_full", request_class=queue.name, uri=request.uri)
-            self._unavailable(request, b"All children are busy and the queue is full\n")
-            return
+        if not first:
+            if queue.length >= queue.max_waiting:
+                log.warning("queue_full", request_class=queue.name, uri=request.uri)
+                self._unavailable(request, b"All children are busy and the queue is full\n")
+                return
+            if self.by_wait and self.members:
+                wait = self.predicted_wait(queue, request.lane, request.long)
+                if wait > queue.queue_timeout:
+                    self.refused += 1
+                    log.debug("refused", request_class=queue.name, uri=request.uri,
+                              predicted_wait=round(wait, 3), cost=round(request.cost, 4),
+                              queue_timeout=queue.queue_timeout, waiting=queue.length,
+                              servers=self.servers(queue, request.long))  # fmt: skip
+                    self._unavailable(request, b"The predicted wait is above the queue timeout\n")
+                    return
         request.queued_at = self.clock()
-        if first:
-            queue.waiting.appendleft(request)
-        else:
-            queue.waiting.append(request)
+        queue.push(request, first)
+
+    def predicted_wait(self, queue: ClassQueue, n: int, long: bool) -> float:
+        """The learned cost of the work that would go before a request in lane ``n`` of
+        ``queue`` (classes of higher priority, its class's cheaper lanes and its own lane),
+        over the children that may serve it."""
+        ahead = queue.work_through(n)
+        for other in self.by_priority:
+            if other.priority <= queue.priority:
+                break
+            ahead += other.total_work
+        return ahead / self.servers(queue, long)
+
+    def servers(self, queue: ClassQueue, long: bool) -> int:
+        """Children that may serve a request of ``queue``: all, less those kept for
+        others (the classes' reserved children; for a long one, those kept for short)."""
+        count = len(self.members)
+        if queue.max_children:
+            count = min(count, queue.max_children)
+        count -= sum(q.reserved for q in self.by_priority if q is not queue)
+        if long and self.protect:
+            count -= self.reserve()
+        return max(1, count)
 
     def released(self, request: Request) -> None:
         """A started request ended (or goes back to the queue): its class and client have
-        room again, which may let a waiting request start on an idle child."""
+        room again, which may let a waiting request start on an idle child. A request that
+        a child answered teaches the cost model what its kind costs."""
         if not request.counted:
             return
         request.counted = False
         self.classes[request.request_class].running -= 1
+        if request.long:
+            self.long_running -= 1
+        else:
+            self.short_running -= 1
+        if request.finished_by_child:
+            self.costs.learn(request.kind, request.request_class, self.clock() - request.started)
         if self.max_per_client:
             client = request.params.get(self.client_param, b"")
             self.clients[client] -= 1
@@ -125,28 +282,57 @@ class Dispatcher:
 
     def withdraw(self, request: Request) -> None:
         queue = self.classes.get(request.request_class)
-        if queue is not None and request in queue.waiting:
-            queue.waiting.remove(request)
+        if queue is not None:
+            queue.remove(request)
 
     # ------------------------------------------------------------------ children
 
     def child_ready(self, child: Child) -> None:
         """A new child is ready: it holds the pinned projects (its warm-up loaded them)."""
+        self.members.add(child)
         for project in self.pinned:
             remember(child.projects, project, max(1, self.memory))
 
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the best waiting request that may start, else keep it."""
+        self.members.add(child)
         self.idle.append(child)
         self._dispatch()
 
     def forget(self, child: Child) -> None:
+        self.members.discard(child)
         if child in self.idle:
             self.idle.remove(child)
+
+    # ------------------------------------------------------------------ protection
+
+    def reserve(self) -> int:
+        """Children kept free for short requests: as many as they have used lately
+        (rounded up), at least one while they keep coming, never all."""
+        demand = self._short_demand(self.clock())
+        if demand < 0.01:
+            return 0
+        return max(0, min(len(self.members) - 1, math.ceil(demand)))
+
+    def _short_demand(self, now: float) -> float:
+        elapsed = now - self.short_seen
+        if elapsed > 0:
+            self.short_demand *= math.exp(-elapsed / SHORT_WINDOW)
+            self.short_seen = now
+        return self.short_demand
+
+    def _short_started(self, request: Request) -> None:
+        """A short request took a child: its predicted cost adds to the demand (Little's
+        law: the children in use are arrivals per second times seconds each)."""
+        self._short_demand(self.clock())
+        self.short_demand += max(request.cost, 0.001) / SHORT_WINDOW
 
     # ------------------------------------------------------------------ internals
 
     def _may_start(self, queue: ClassQueue, request: Request) -> bool:
+        protect = self.protect and request.long
+        if self.unlimited and not protect:
+            return True
         if queue.max_children and queue.running >= queue.max_children:
             return False
         if self.max_per_client and (
@@ -157,31 +343,50 @@ class Dispatcher:
         for other in self.by_priority:
             if other is not queue and other.reserved > other.running:
                 owed += other.reserved - other.running
+        if protect:
+            kept = self.reserve() - self.short_running
+            if kept > 0:
+                owed += kept
+                if len(self.idle) <= owed and self.debug:
+                    log.debug("reserved", uri=request.uri, cost=round(request.cost, 4),
+                              reserve=kept + self.short_running, idle=len(self.idle),
+                              short_running=self.short_running)  # fmt: skip
         return len(self.idle) > owed
 
     def _dispatch(self) -> None:
         while self.idle:
             for queue in self.by_priority:
-                if not queue.waiting:
+                if not queue.length:
                     continue
                 request = self._next_startable(queue)
                 if request is not None:
-                    queue.waiting.remove(request)
+                    queue.remove(request)
                     self._start(queue, request)
                     break
             else:
                 return
 
     def _next_startable(self, queue: ClassQueue) -> Request | None:
-        head = queue.waiting[0]
-        if not self._may_start(queue, head):
-            if not self.max_per_client:
-                return None
-            # Only the client limit can hold the head back: look past it.
-            for request in queue.waiting:
-                if self._may_start(queue, request):
-                    return request
+        """The next request of ``queue`` that may start, if one may: the oldest when it has
+        waited max_reorder_wait, else the cheapest (a short one when a long one may not
+        take the last children), or one near it whose project the child holds."""
+        oldest = queue.oldest()
+        aged = self.clock() - queue.lanes[oldest][0].queued_at >= self.tuning.max_reorder_wait
+        cheapest = queue.cheapest()
+        for n in (oldest, cheapest) if aged else (cheapest,):
+            head = queue.lanes[n][0]
+            if self._may_start(queue, head):
+                break
+        else:
+            if self.max_per_client:  # only the client limit holds them back: look past
+                for request in queue:
+                    if self._may_start(queue, request):
+                        return request
             return None
+        if n != oldest and self.debug:
+            passed = queue.lanes[oldest][0]
+            log.debug("reordered", uri=head.uri, cost=round(head.cost, 4),
+                      passed=passed.uri, passed_cost=round(passed.cost, 4))  # fmt: skip
         if self.memory and len(self.idle) == 1 and head.project:
             # At saturation one child frees up at a time: give it a request for a project
             # it holds, if one waits near the head and the head has not waited long.
@@ -189,7 +394,7 @@ class Dispatcher:
             if head.project not in remembered and (
                 self.clock() - head.queued_at < AFFINITY_MAX_WAIT
             ):
-                for request in itertools.islice(queue.waiting, 1, AFFINITY_LOOKAHEAD):
+                for request in itertools.islice(queue.lanes[n], 1, AFFINITY_LOOKAHEAD):
                     if request.project in remembered and self._may_start(queue, request):
                         return request
         return head
@@ -197,6 +402,12 @@ class Dispatcher:
     def _start(self, queue: ClassQueue, request: Request) -> None:
         queue.running += 1
         request.counted = True
+        if request.long:
+            self.long_running += 1
+        else:
+            self.short_running += 1
+            if self.protect:
+                self._short_started(request)
         if self.max_per_client:
             self.clients[request.params.get(self.client_param, b"")] += 1
         request.start(self._pick(request.project))
@@ -228,21 +439,37 @@ class Dispatcher:
         return chosen
 
     def expire(self, now: float) -> None:
-        """503 for requests that waited past their class's queue_timeout. Each queue is in
+        """503 for requests that waited past their class's queue_timeout. Each lane is in
         arrival order, so only its head needs looking at (a few times a second, instead of
         a timer per request)."""
         for queue in self.by_priority:
+            if not queue.length:
+                continue
             limit = now - queue.queue_timeout
-            while queue.waiting and queue.waiting[0].queued_at < limit:
-                request = queue.waiting.popleft()
-                log.warning("queue_timeout", request_class=queue.name, uri=request.uri)
-                self._unavailable(request, b"No child became free in time\n")
+            for n, waiting in enumerate(queue.lanes):
+                while waiting and waiting[0].queued_at < limit:
+                    request = queue.pop(n)
+                    log.warning("queue_timeout", request_class=queue.name, uri=request.uri)
+                    self._unavailable(request, b"No child became free in time\n")
 
     def fail_waiting(self, body: bytes) -> None:
         """Answer every waiting request with a 503 (the pool is stopping)."""
         for queue in self.by_priority:
-            while queue.waiting:
-                queue.waiting.popleft().respond(503, body)
+            for n in range(LANES):
+                while queue.lanes[n]:
+                    queue.pop(n).respond(503, body)
+
+    def predictions(self) -> dict[str, float]:
+        """Per class, the predicted wait of a new request of the class's mean cost."""
+        waits = {}
+        for queue in self.by_priority:
+            learned = self.costs.by_class.get(queue.name)
+            cost = learned.mean if learned is not None else 0.0
+            n = lane(cost) if self.ordered else 0
+            waits[queue.name] = (
+                self.predicted_wait(queue, n, cost >= self.long_request) if self.members else 0.0
+            )
+        return waits
 
     def _unavailable(self, request: Request, body: bytes) -> None:
         request.respond(503, body, (("Retry-After", str(self.limits.retry_after)),))

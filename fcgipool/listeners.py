@@ -25,7 +25,7 @@ from .config import Address
 if TYPE_CHECKING:
     from .config import Config
 
-BACKLOG = 1024
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn (4096 since Linux 5.4)
 # The kernel has no IPv6 at all: ":PORT" falls back to IPv4 only.
 _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL)
 
@@ -86,8 +86,10 @@ def bind(
     Raises :class:`ListenError` naming ``key`` (the config key), the address and why.
     """
     try:
-        sock = _bind_unix(address, mode, owner, group) if address.kind == "unix" else (
-            _bind_tcp(address)
+        sock = (
+            _bind_unix(address, mode, owner, group)
+            if address.kind == "unix"
+            else (_bind_tcp(address))
         )
     except OSError as error:
         prefix = f"{key}: " if key else ""
@@ -247,6 +249,8 @@ async def start_server(
     factory: Callable[[], asyncio.BaseProtocol],
 ) -> asyncio.Server:
     """Serve ``factory``'s protocol on a listening socket, unix or TCP."""
+    # The event loop listens again with its own backlog (100 by default): keep ours, or a
+    # burst of connections from the web server overflows it (EAGAIN in nginx's log).
     if sock.family == socket.AF_UNIX:
-        return await loop.create_unix_server(factory, sock=sock)
-    return await loop.create_server(factory, sock=sock)
+        return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
+    return await loop.create_server(factory, sock=sock, backlog=BACKLOG)

@@ -137,13 +137,36 @@ class _PoolCollector:
         limits = GaugeMetricFamily(
             "fcgipool_class_queue_limit", "Queue bound by class.", labels=["class"]
         )
+        waits = GaugeMetricFamily(
+            "fcgipool_class_predicted_wait_seconds",
+            "Predicted wait of a new request of the class's mean learned cost.",
+            labels=["class"],
+        )
+        predictions = dispatcher.predictions()
         for queue in dispatcher.by_priority:
-            queues.add_metric([queue.name], len(queue.waiting))
+            queues.add_metric([queue.name], len(queue))
             running.add_metric([queue.name], queue.running)
             limits.add_metric([queue.name], queue.max_waiting)
+            waits.add_metric([queue.name], predictions[queue.name])
         yield queues
         yield running
         yield limits
+        yield waits
+        yield CounterFamily(
+            "fcgipool_refused_predicted_wait",
+            "Requests refused at once because their predicted wait was above queue_timeout.",
+            value=dispatcher.refused,
+        )
+        yield GaugeMetricFamily(
+            "fcgipool_reserved_for_short",
+            "Children kept free for short requests (learned; tuning.protect_short).",
+            value=dispatcher.reserve() if dispatcher.protect else 0,
+        )
+        yield GaugeMetricFamily(
+            "fcgipool_buffered_bytes",
+            "Request bytes held for requests no child has taken yet (limits.max_buffered).",
+            value=pool.frontend.context.buffered,
+        )
         limit = pool.config.limits.max_waiting
         yield GaugeMetricFamily("fcgipool_queue_limit", "Bound of the queue.", value=limit)
         yield GaugeMetricFamily(

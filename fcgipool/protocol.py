@@ -493,9 +493,7 @@ class ServerConnection:
             return b""
         return encode_response(request_id, status, body, headers, content_type)
 
-    def relay(
-        self, request_id: int, records: bytes, starts: list[int], ended: bool
-    ) -> bytes:
+    def relay(self, request_id: int, records: bytes, starts: list[int], ended: bool) -> bytes:
         """A child's whole records (see :class:`ResponseScanner`) for ``request_id``; with
         ``ended`` their last one is the END_REQUEST that ends it."""
         if request_id not in self.active:

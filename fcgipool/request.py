@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .child import Child, ChildConnection
     from .children import Children
     from .config import LimitsSection
+    from .costs import Kind
     from .dispatch import Dispatcher
     from .frontend import FrontConnection
 
@@ -61,6 +62,7 @@ _REPEATABLE = (b"GET", b"HEAD")
 ABORTED = 499  # nginx's code for a request whose client went away
 _HEAD_LIMIT = 8192  # the CGI headers are read from this much of the first output, not all
 _STDOUT = int(RecordType.STDOUT)
+_NO_KIND: Kind = ("", "", 0, "")
 
 
 class State(StateEnum):
@@ -143,6 +145,7 @@ class Context:
     dispatcher: Dispatcher
     children: Children
     accounting: Accounting
+    buffered: int = 0  # request bytes held by every request until a child takes them
 
 
 class Request:
@@ -160,11 +163,16 @@ class Request:
         "bytes_out",
         "child",
         "connection",
+        "cost",
         "counted",
         "created",
         "ctx",
+        "finished_by_child",
         "front",
         "keep_conn",
+        "kind",
+        "lane",
+        "long",
         "params",
         "project",
         "queued_at",
@@ -207,6 +215,11 @@ class Request:
         self.project = ""
         self.timeout = ctx.request_timeout
         self.counted = False  # holds a place in its class's running count (dispatch.py)
+        self.kind: Kind = _NO_KIND  # what it is, for the cost model (costs.py)
+        self.cost = 0.0  # predicted seconds on a child
+        self.lane = 0  # its queue lane, by cost
+        self.long = False  # predicted long (tuning.long_request)
+        self.finished_by_child = False  # its child's time is its kind's cost
         self.served_by = 0  # pid of the (last) child that had it
 
     def __repr__(self) -> str:
@@ -231,6 +244,7 @@ class Request:
             self.body_done = True
             self._pending.append(_STDIN_END)
             self._pending_size += len(_STDIN_END)
+            ctx.buffered += len(_STDIN_END)
         elif ctx.admission.wants_body(params, length):
             self._body_head = bytearray()  # the OGC request may be in the body: wait for it
             return
@@ -246,6 +260,7 @@ class Request:
         head = _BEGIN[ctx.keep_conn] + encode_params(CHILD_REQUEST_ID, self.raw_params)
         self._pending.insert(0, head)
         self._pending_size += len(head)
+        ctx.buffered += len(head)
         ctx.dispatcher.submit(self)
 
     def on_stdin(self, data: bytes) -> None:
@@ -268,13 +283,17 @@ class Request:
             return
         self._pending.append(record)
         self._pending_size += len(record)
+        ctx = self.ctx
+        ctx.buffered += len(record)
         if self._body_head is not None and (
             self.body_done or len(self._body_head) > self.ctx.admission.body_limit
         ):
             body, self._body_head = bytes(self._body_head), None
             self._admit(body)
-        elif self._pending_size > self.ctx.limits.body_buffer:
-            self.front.hold_reading(self)
+        elif self._pending_size > ctx.limits.body_buffer or (
+            ctx.buffered > ctx.limits.max_buffered and self.state is State.QUEUED
+        ):
+            self.front.hold_reading(self)  # its child, or the others' children, free it
 
     def abort(self) -> None:
         """The web server sent FCGI_ABORT_REQUEST: END_REQUEST, and the child is freed."""
@@ -331,6 +350,7 @@ class Request:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         connection.write(data)
         self._pending = []
+        self.ctx.buffered -= self._pending_size
         self._pending_size = 0
         self._sent, self._sent_size = [data], len(data)
         if self._sent_size > self.ctx.limits.body_buffer:
@@ -374,7 +394,9 @@ class Request:
             self._fail(502, b"The FastCGI child failed before answering\n")
             return
         self._pending[:0] = sent
-        self._pending_size += sum(map(len, sent))
+        size = sum(map(len, sent))
+        self._pending_size += size
+        self.ctx.buffered += size
         if (
             self._reused
             and not self._replayed
@@ -467,6 +489,8 @@ class Request:
         if connection is not None and connection.handler is self:
             connection.handler = None
         self._pending.clear()
+        ctx.buffered -= self._pending_size
+        self._pending_size = 0
         self._sent = None
         front = self.front
         if reply is Reply.POOL:
@@ -476,6 +500,8 @@ class Request:
         elif reply is Reply.END:
             front.end(self.request_id)
         front.request_finished(self)
+        # The child answered, or took the whole timeout: either way the kind costs that.
+        self.finished_by_child = reply is Reply.CHILD or status == 504
         ctx.dispatcher.released(self)
         if child is not None and state is not State.CONNECTING:  # a connect frees its child
             if reply is Reply.CHILD:

@@ -45,6 +45,7 @@ class PoolView(Protocol):
     @property
     def state(self) -> str:
         """The pool's Lifecycle, by name."""
+
     def now(self) -> float: ...
     def uptime(self) -> float: ...
     def readiness(self) -> tuple[bool, str]: ...
@@ -88,6 +89,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             }
         )
     dispatcher = pool.dispatcher
+    waits = dispatcher.predictions()
     return {
         "version": STATUS_VERSION,
         "pool": {
@@ -100,9 +102,16 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             "children": child_counts(children),
             "queue_length": dispatcher.waiting,
             "classes": {
-                queue.name: {"waiting": len(queue.waiting), "running": queue.running}
+                queue.name: {
+                    "waiting": len(queue),
+                    "running": queue.running,
+                    "predicted_wait": round(waits[queue.name], 3),
+                }
                 for queue in dispatcher.by_priority
             },
+            "refused_predicted_wait": dispatcher.refused,
+            "reserved_for_short": dispatcher.reserve() if dispatcher.protect else 0,
+            "buffered_bytes": pool.frontend.context.buffered,
             "max_waiting": pool.config.limits.max_waiting,
             "connections": len(pool.frontend.connections),
             "requests_served": pool.accounting.requests_served,
@@ -113,4 +122,5 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             "state": pool.state,
         },
         "children": rows,
+        "costs": dispatcher.costs.rows(),
     }

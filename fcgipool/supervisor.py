@@ -31,6 +31,7 @@ from .admission import Admission
 from .children import Children, Processes
 from .classify import Classifier
 from .config import Config
+from .costs import CostModel
 from .dispatch import Dispatcher
 from .frontend import Frontend
 from .machine import IllegalTransition, StateEnum
@@ -107,12 +108,11 @@ class Pool:
             processes = self.os_processes = OsProcesses(loop, "", config)
         self.processes = processes
         classifier = Classifier(config)
-        self.dispatcher = Dispatcher(config, classifier.rules, loop.time)
-        self.admission = Admission(config, classifier)
+        self.costs = CostModel(config.tuning)
+        self.dispatcher = Dispatcher(config, classifier.rules, loop.time, self.costs)
+        self.admission = Admission(config, classifier, self.costs)
         self.accounting = Accounting(loop.time, config.log.access)
-        self.children = Children(
-            config, processes, self.dispatcher, self.accounting, self, loop
-        )
+        self.children = Children(config, processes, self.dispatcher, self.accounting, self, loop)
         self.context = Context(
             loop=loop,
             limits=config.limits,
@@ -165,7 +165,7 @@ class Pool:
         if ready < max(1, min(self.config.admin.min_ready, self.children.workers)):
             return False, f"{ready} children ready"
         for queue in self.dispatcher.classes.values():
-            if queue.max_waiting and len(queue.waiting) >= queue.max_waiting:
+            if queue.max_waiting and len(queue) >= queue.max_waiting:
                 return False, f"queue of class {queue.name} full"
         if self.children.failure_pressure() > self.config.pool.max_failure_pressure:
             return False, "failure pressure above the limit"

@@ -32,6 +32,12 @@ class FakeRequest:
         self.uri = f"/{klass}"
         self.counted = False
         self.queued_at = 0.0
+        self.kind = (project, klass, 0, "")
+        self.cost = 0.0
+        self.lane = 0
+        self.long = False
+        self.finished_by_child = False
+        self.started = 0.0
         self.child: FakeChild | None = None
         self.answer: int | None = None
 
