@@ -28,50 +28,45 @@ _LONG_VALUE = 256  # a kind parameter longer than this is kept as a prefix and a
 
 
 class Cost:
-    """What one kind (or fallback) costs: a decaying mean, and the last measurements."""
+    """What one kind (or fallback) costs: a decaying mean, and for a kind its last
+    measurements (for the p90 shown in status)."""
 
-    __slots__ = ("count", "mean", "recent")
+    __slots__ = ("count", "fallbacks", "mean", "recent")
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 0) -> None:
         self.count = 0
         self.mean = 0.0
-        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.recent: deque[float] | None = deque(maxlen=keep) if keep else None
+        self.fallbacks: tuple[Cost, ...] | None = None  # of a kind: learned with it
 
     def add(self, seconds: float, decay: float) -> None:
-        self.count += 1
+        count = self.count = self.count + 1
         # The first measurements are averaged plainly, later ones weigh ``decay``.
-        weight = 1.0 / self.count if self.count * decay < 1.0 else decay
-        self.mean += weight * (seconds - self.mean)
-        self.recent.append(seconds)
+        self.mean += (seconds - self.mean) * (1.0 / count if count * decay < 1.0 else decay)
+        if self.recent is not None:
+            self.recent.append(seconds)
 
     def quantile(self, q: float) -> float:
-        ordered = sorted(self.recent)
+        ordered = sorted(self.recent or ())
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-class _Table(OrderedDict[Any, Cost]):
-    """A bounded table of costs, least recently used forgotten first."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def learn(self, key: Any, seconds: float, decay: float) -> None:
-        cost = self.get(key)
-        if cost is None:
-            cost = self[key] = Cost()
-            if len(self) > self.size:
-                self.popitem(last=False)
-        else:
-            self.move_to_end(key)
-        cost.add(seconds, decay)
+def _fallback(table: dict[Any, Cost], key: Any, size: int) -> Cost:
+    """The entry of a fallback table: bounded, the first made forgotten first (a kind that
+    still refers to a forgotten one keeps teaching it, harmlessly)."""
+    cost = table.get(key)
+    if cost is None:
+        cost = table[key] = Cost()
+        if len(table) > size:
+            del table[next(iter(table))]
+    return cost
 
 
 class CostModel:
     def __init__(self, tuning: TuningSection) -> None:
-        self.kinds = _Table(tuning.kinds)
-        self.by_project = _Table(tuning.kinds)  # (project, REQUEST)
-        self.by_request = _Table(256)  # REQUEST
+        self.kinds: OrderedDict[Kind, Cost] = OrderedDict()  # least recently seen first
+        self.by_project: dict[tuple[str, str], Cost] = {}  # (project, REQUEST)
+        self.by_request: dict[str, Cost] = {}  # REQUEST
         self.by_class: dict[str, Cost] = {}
         self.configure(tuning)
 
@@ -79,10 +74,14 @@ class CostModel:
         self.decay = tuning.decay
         self.size_params = tuple(name.upper() for name in tuning.size_params)
         self.kind_params = tuple(name.upper() for name in tuning.kind_params)
-        for table in (self.kinds, self.by_project):
-            table.size = tuning.kinds
-            while len(table) > table.size:
-                table.popitem(last=False)
+        self.size = tuning.kinds
+        self.kind_param = self.kind_params[0] if len(self.kind_params) == 1 else ""
+        for cost in self.kinds.values():  # the classes may have changed: link again
+            cost.fallbacks = None
+        while len(self.kinds) > self.size:
+            self.kinds.popitem(last=False)
+        while len(self.by_project) > self.size:
+            del self.by_project[next(iter(self.by_project))]
 
     @property
     def wanted(self) -> tuple[str, ...]:
@@ -100,8 +99,10 @@ class CostModel:
                     break
                 pixels *= int(value)
             size = bucket(pixels)
-        values = [ogc.get(name, "") for name in self.kind_params]
-        text = "&".join(values) if len(values) != 1 else values[0]
+        if self.kind_param:
+            text = ogc.get(self.kind_param, "")
+        else:
+            text = "&".join([ogc.get(name, "") for name in self.kind_params])
         if len(text) > _LONG_VALUE:
             text = f"{text[:_LONG_VALUE]}…{zlib.crc32(text.encode()):08x}"
         return (project, ogc.get("REQUEST", ""), size, text)
@@ -120,14 +121,28 @@ class CostModel:
         return cost.mean
 
     def learn(self, kind: Kind, klass: str, seconds: float) -> None:
-        decay = self.decay
-        self.kinds.learn(kind, seconds, decay)
-        self.by_project.learn(kind[:2], seconds, decay)
-        self.by_request.learn(kind[1], seconds, decay)
-        cost = self.by_class.get(klass)
+        """One measurement of ``kind``, taught to it and to its fallbacks (inline: this
+        runs once per request)."""
+        kinds = self.kinds
+        cost = kinds.get(kind)
         if cost is None:
-            cost = self.by_class[klass] = Cost()
-        cost.add(seconds, decay)
+            cost = kinds[kind] = Cost(RECENT)
+            if len(kinds) > self.size:
+                kinds.popitem(last=False)
+        else:
+            kinds.move_to_end(kind)
+        fallbacks = cost.fallbacks
+        if fallbacks is None:
+            fallbacks = cost.fallbacks = (
+                _fallback(self.by_project, kind[:2], self.size),
+                _fallback(self.by_request, kind[1], 256),
+                _fallback(self.by_class, klass, 1024),
+            )
+        cost.add(seconds, self.decay)
+        decay = self.decay
+        for each in fallbacks:
+            count = each.count = each.count + 1
+            each.mean += (seconds - each.mean) * (1.0 / count if count * decay < 1.0 else decay)
 
     def rows(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most requested kinds, for the status document."""

@@ -160,8 +160,9 @@ class Dispatcher:
         self.popularity: Counter[str] = Counter()
         self.long_running = 0
         self.short_running = 0
-        self.short_demand = 0.0  # children short requests used, averaged over SHORT_WINDOW
-        self.short_seen = 0.0  # when short_demand was last brought up to date
+        # Predicted seconds of the short requests started in this window and the last one.
+        self.short_work = self.short_work_before = 0.0
+        self.window_ends = 0.0
         self.refused = 0  # refused on predicted wait
         self.configure(config, rules)
 
@@ -215,7 +216,10 @@ class Dispatcher:
             cost = request.cost = self.costs.predict(request.kind, queue.name)
             request.lane = lane(cost) if self.ordered else 0
             request.long = cost >= self.long_request
-        if self.idle and self._may_start(queue, request):
+        if self.idle and (
+            (self.unlimited and not (request.long and self.protect))
+            or self._may_start(queue, request)
+        ):
             self._start(queue, request)
             return
         if not first:
@@ -309,23 +313,25 @@ class Dispatcher:
     def reserve(self) -> int:
         """Children kept free for short requests: as many as they have used lately
         (rounded up), at least one while they keep coming, never all."""
-        demand = self._short_demand(self.clock())
+        demand = self.short_demand()
         if demand < 0.01:
             return 0
         return max(0, min(len(self.members) - 1, math.ceil(demand)))
 
-    def _short_demand(self, now: float) -> float:
-        elapsed = now - self.short_seen
-        if elapsed > 0:
-            self.short_demand *= math.exp(-elapsed / SHORT_WINDOW)
-            self.short_seen = now
-        return self.short_demand
+    def short_demand(self) -> float:
+        """The children short requests have used lately (Little's law: arrivals per second
+        times seconds each), over the last whole SHORT_WINDOW and the current one."""
+        now = self.clock()
+        self._roll(now)
+        elapsed = SHORT_WINDOW - (self.window_ends - now)
+        return (self.short_work_before + self.short_work) / (SHORT_WINDOW + elapsed)
 
-    def _short_started(self, request: Request) -> None:
-        """A short request took a child: its predicted cost adds to the demand (Little's
-        law: the children in use are arrivals per second times seconds each)."""
-        self._short_demand(self.clock())
-        self.short_demand += max(request.cost, 0.001) / SHORT_WINDOW
+    def _roll(self, now: float) -> None:
+        if now >= self.window_ends:
+            whole = now >= self.window_ends + SHORT_WINDOW  # a window went by with none
+            self.short_work_before = 0.0 if whole else self.short_work
+            self.short_work = 0.0
+            self.window_ends = now + SHORT_WINDOW
 
     # ------------------------------------------------------------------ internals
 
@@ -407,7 +413,10 @@ class Dispatcher:
         else:
             self.short_running += 1
             if self.protect:
-                self._short_started(request)
+                now = self.clock()
+                if now >= self.window_ends:
+                    self._roll(now)
+                self.short_work += request.cost if request.cost > 0.001 else 0.001
         if self.max_per_client:
             self.clients[request.params.get(self.client_param, b"")] += 1
         request.start(self._pick(request.project))
