@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -920,6 +921,256 @@ def run_load(port: int, duration: float, workers: int, choose, timeout: float = 
     seconds after the end are abandoned."""
     return asyncio.run(_load(port, duration, workers, choose, timeout, warmup, drain,
                              tag_header.lower()))  # fmt: skip
+
+
+# ---------------------------------------------------------------- bursts and open-loop load
+#
+# A map viewer's pan or zoom is a burst: all the tiles of the new view at once (HTTP/2, or
+# several HTTP/1.1 connections), then nothing while its user looks. ``run_viewers`` plays
+# viewers that do that over and over; ``run_phases`` plays a day (phases of open-loop
+# requests at a rate, and viewers) back to back. Both use the raw HTTP/1.1 client above
+# (``_read_response``), each request on a kept-alive connection of its own client.
+
+
+class _Connections:
+    """Idle kept-alive connections to 127.0.0.1:port, reused; a request takes one or opens
+    one, and gives it back unless the server closes it."""
+
+    def __init__(self, port: int, timeout: float):
+        self.port, self.timeout = port, timeout
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def get(self, kind: str, path: str) -> Sample:
+        loop = asyncio.get_running_loop()
+        request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        for attempt in (0, 1):
+            reused = bool(self.idle)
+            start = loop.time()
+            reader = writer = None
+            try:
+                if reused:
+                    reader, writer = self.idle.pop()
+                else:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(request)
+                status, close, _ = await asyncio.wait_for(_read_response(reader, ""),
+                                                          self.timeout)  # fmt: skip
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError, ValueError) as error:  # fmt: skip
+                if writer is not None:
+                    writer.close()
+                idle_closed = isinstance(error, asyncio.IncompleteReadError) and not error.partial
+                if reused and attempt == 0 and idle_closed:
+                    continue  # the server had closed the idle connection: again
+                return Sample(kind, loop.time() - start, 0)
+            if close:
+                writer.close()
+            else:
+                self.idle.append((reader, writer))
+            return Sample(kind, loop.time() - start, status)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+@dataclass
+class BurstResult:
+    seconds: float
+    samples: list[Sample]  # every request of the bursts counted
+    bursts: list[tuple[float, bool]]  # a counted burst: (seconds from its start to its last
+    # answer, whether every answer was a 2xx)
+    abandoned: int = 0  # bursts still unanswered after the drain
+
+    def failed_bursts(self) -> int:
+        return sum(not ok for _, ok in self.bursts)
+
+    def burst_percentile_ms(self, q: float) -> float:
+        """Nearest-rank percentile of the bursts whose every answer was a 2xx (a refused
+        request would end its burst early)."""
+        values = sorted(seconds for seconds, ok in self.bursts if ok)
+        if not values:
+            return float("nan")
+        return values[max(1, math.ceil(q / 100 * len(values))) - 1] * 1000
+
+
+async def _viewer(connections: _Connections, views, number: int, think: tuple[float, float],
+                  rng, start: float, end: float, begin: float, kind: str, samples: list,
+                  bursts: list) -> None:  # fmt: skip
+    """One viewer from ``start`` to ``end``: a burst (``views(number, i)``: the paths of its
+    i-th view, all at once), wait for all, think ``think`` seconds (uniform), again. Bursts
+    that start at or after ``begin`` are counted, to their end."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start - loop.time()))
+    i = 0
+    while loop.time() < end:
+        paths = views(number, i)
+        t0 = loop.time()
+        answers = await asyncio.gather(*(connections.get(kind, path) for path in paths))
+        if t0 >= begin:
+            samples.extend(answers)
+            bursts.append((loop.time() - t0, all(200 <= a.status < 300 for a in answers)))
+        i += 1
+        await asyncio.sleep(min(rng.uniform(*think), max(0.0, end - loop.time())))
+
+
+def run_viewers(port: int, duration: float, viewers: int, views, think: tuple[float, float],
+                seed: int, warmup: float = 0, drain: float = 30,
+                timeout: float = 60) -> BurstResult:  # fmt: skip
+    """``viewers`` viewers against http://127.0.0.1:port for ``warmup`` + ``duration``
+    seconds, each starting at a random moment of its first think time; ``views(viewer, i)``
+    gives the paths of a viewer's i-th burst. Bursts that start in the last ``duration``
+    seconds are counted (with all their requests, kind "tile"); no burst starts after the
+    end, and those running ``drain`` seconds after it are abandoned."""
+    import random
+
+    async def main() -> BurstResult:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        begin, end = now + warmup, now + warmup + duration
+        samples: list[Sample] = []
+        bursts: list[tuple[float, bool]] = []
+        pools = [_Connections(port, timeout) for _ in range(viewers)]
+        tasks = []
+        for number, connections in enumerate(pools):
+            rng = random.Random(seed * 1000 + number)
+            start = now + rng.uniform(0, think[1])
+            tasks.append(asyncio.create_task(_viewer(connections, views, number, think, rng,
+                                                     start, end, begin, "tile", samples,
+                                                     bursts)))  # fmt: skip
+        _, pending = await asyncio.wait(tasks, timeout=warmup + duration + drain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for connections in pools:
+            connections.close()
+        return BurstResult(duration, samples, bursts, len(pending))
+
+    return asyncio.run(main())
+
+
+@dataclass
+class Phase:
+    """A stretch of a day: open-loop requests at ``rate`` a second (Poisson arrivals, each
+    path from ``path(rng)``), and ``viewers`` viewers bursting ``views`` with ``think``."""
+
+    name: str
+    seconds: float
+    rate: float = 0.0
+    viewers: int = 0
+    think: tuple[float, float] = (0.5, 1.0)
+
+
+@dataclass
+class PhasesResult:
+    samples: list[Sample]  # kind: the phase the request was sent in
+    bursts: dict[str, list[tuple[float, bool]]]  # phase → its bursts, as BurstResult.bursts
+    windows: dict[str, tuple[float, float]]  # phase → (start, end), time.monotonic()
+    abandoned: int = 0  # requests still unanswered after the drain
+
+
+def run_phases(port: int, phases: Sequence[Phase], path, views, seed: int, drain: float = 30,
+               timeout: float = 60) -> PhasesResult:  # fmt: skip
+    """The phases back to back, on schedule (a phase does not wait for the answers of the
+    one before: time goes on). ``path(rng)``: the path of an open-loop request;
+    ``views(viewer, i)``: a viewer's i-th burst."""
+    import random
+
+    async def main() -> PhasesResult:
+        loop = asyncio.get_running_loop()  # its clock is time.monotonic()
+        samples: list[Sample] = []
+        bursts: dict[str, list[tuple[float, bool]]] = {}
+        windows: dict[str, tuple[float, float]] = {}
+        connections = _Connections(port, timeout)
+        rng = random.Random(seed)
+        tasks: list[asyncio.Task] = []
+
+        async def one(kind: str, p: str) -> None:
+            samples.append(await connections.get(kind, p))
+
+        start = loop.time()
+        for phase in phases:
+            end = start + phase.seconds
+            windows[phase.name] = (start, end)
+            done = bursts.setdefault(phase.name, [])
+            for number in range(phase.viewers):
+                viewer_rng = random.Random(rng.random())
+                begin = start + viewer_rng.uniform(0, phase.think[1])
+                tasks.append(asyncio.create_task(_viewer(
+                    _Connections(port, timeout), views, number, phase.think, viewer_rng,
+                    begin, end, start, phase.name, samples, done)))  # fmt: skip
+            at = start
+            while phase.rate > 0:
+                at += rng.expovariate(phase.rate)
+                if at >= end:
+                    break
+                await asyncio.sleep(max(0.0, at - loop.time()))
+                tasks.append(asyncio.create_task(one(phase.name, path(rng))))
+            await asyncio.sleep(max(0.0, end - loop.time()))
+            start = end
+        pending: set = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=drain)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        connections.close()
+        return PhasesResult(samples, bursts, windows, len(pending))
+
+    return asyncio.run(main())
+
+
+class ChildMemory:
+    """The children's RSS, summed, sampled every ``interval`` seconds in a thread while it
+    runs (``with ChildMemory(setup) as memory:``): memory-seconds (the integral of the sum
+    over time) and the mean number of children, for the whole run or a window of it."""
+
+    def __init__(self, setup: Setup, interval: float = 0.25):
+        import threading
+
+        self.setup, self.interval = setup, interval
+        self.samples: list[tuple[float, int, int]] = []  # (time.monotonic(), bytes, children)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while True:
+            now = time.monotonic()
+            total = count = 0
+            for pid in self.setup.child_pids():
+                with contextlib.suppress(psutil.Error):
+                    total += psutil.Process(pid).memory_info().rss
+                    count += 1
+            self.samples.append((now, total, count))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> ChildMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _window(self, start: float, end: float) -> list[tuple[float, int, int]]:
+        return [s for s in self.samples if start <= s[0] <= end]
+
+    def gib_seconds(self, start: float = -math.inf, end: float = math.inf) -> float:
+        """∫ RSS dt over [start, end] (each sample holds until the next), GiB·s."""
+        window = self._window(start, end)
+        total = 0.0
+        for (t0, rss, _), (t1, _, _) in itertools.pairwise(window):
+            total += rss * (t1 - t0)
+        return total / 2**30
+
+    def mean_children(self, start: float = -math.inf, end: float = math.inf) -> float:
+        window = self._window(start, end)
+        return sum(s[2] for s in window) / len(window) if window else float("nan")
 
 
 # ---------------------------------------------------------------- other work on the machine

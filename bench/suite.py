@@ -4,14 +4,16 @@
                                     [--out docs/bench]
 
 Scenarios, run in this order, each a module of bench/: a trivial.py, b core.py, c mixed.py,
-d projects.py, e hangs.py, f crash.py, g reload.py, h idle.py, i scaling.py, m memory.py.
+d projects.py, e hangs.py, f crash.py, g reload.py, h idle.py, i scaling.py, j viewer.py,
+k sizes.py, l day.py, m memory.py.
 A module has KEY, NAME, TITLE, HEADLINE (the metrics to plot and tabulate) and
 ``run(ctx) -> list[results.Row]``: it starts its own set-ups (common.make_setups), runs them
 side by side with interleaved runs, stops them and hands back one row per measured value;
 ``estimate(ctx)``, optional, gives its seconds for the estimate printed at the start
 (``--estimate`` prints only that). Peers: common.PEERS, plus the fcgipool variants of some
-scenarios ("fcgipool reserved=1"); ``--peers fcgipool`` takes fcgipool's variants too. The
-whole suite at the default 3 repeats is sized for about 35 minutes on a 2-core machine.
+scenarios ("fcgipool reserved=1"); ``--peers fcgipool`` takes fcgipool's variants too. At
+the default 3 repeats on a 2-core machine, a to i and m take about 35 minutes, j and k about
+10 more and l (three-minute runs: a compressed day) about 30.
 ``--quick`` is a smoke run (2 s runs, fewest cases; its numbers mean nothing), written to a
 directory in /tmp unless --out says otherwise.
 
@@ -54,7 +56,8 @@ import results  # noqa: E402
 from results import Context, Median, Row, is_fcgipool, log, number, ratio  # noqa: E402
 
 SCENARIOS = {"a": "trivial", "b": "core", "c": "mixed", "d": "projects", "e": "hangs",
-             "f": "crash", "g": "reload", "h": "idle", "i": "scaling", "m": "memory"}  # fmt: skip
+             "f": "crash", "g": "reload", "h": "idle", "i": "scaling", "j": "viewer",
+             "k": "sizes", "l": "day", "m": "memory"}  # fmt: skip
 FALLBACK_ESTIMATE = 210.0  # seconds at 3 repeats, for a module without estimate()
 COLORS = {"fcgipool": "#1f77b4", "spawn-fcgi+multiwatch": "#ff7f0e", "nginx-rr": "#2ca02c",
           "apache-mod_fcgid": "#d62728"}  # fmt: skip
