@@ -176,7 +176,6 @@ class Fcgipool(Setup):
         config = {
             "pool": {"bind": [f"unix:{self.socket}"], "workers": self.workers},
             "child": {"command": self.command, "env": self.env, "allow_root": True},
-            "limits": {"max_waiting": 4096},
             "log": {"level": "warning", "file": str(self.root / "pool.log")},
         }
         for section, values in self.settings.items():

@@ -23,7 +23,7 @@ that each run starts from a pool that has been idle, as after a night.
 Peers: ``fcgipool adaptive`` with ADAPTIVE (1 child at the start, 1 to 4, a child idle for
 10 s is stopped); ``fcgipool fixed 4`` (``workers = 4``); spawn-fcgi+multiwatch with 4
 children for reference. Both fcgipool set-ups otherwise run the suite's configuration
-(common.Fcgipool: default classes and timeouts, ``limits.max_waiting = 4096``). The
+(common.Fcgipool: the default configuration but for the socket, the children and the log). The
 children's memory is sampled every 0.25 s (``common.ChildMemory``: the sum of the RSS of the
 manager's children, psutil), its integral over the run is the memory-seconds.
 

@@ -23,9 +23,9 @@ bursts still running 30 s later are ``abandoned``. 10 x 40 tiles keep 2 children
 queue swings between 0 and ~400.
 
 Peers, all with 2 children of qgis_mapserv.fcgi, as ``common.make_setups`` sets them up.
-fcgipool runs its **default configuration**: the suite's usual ``limits.max_waiting =
-4096`` (common.Fcgipool) is put back to the default (64 today), since whether the defaults
-refuse a burst is the question. Runs interleaved, medians of the repeats; every set-up is
+fcgipool runs its **default configuration** (as every scenario does: common.Fcgipool
+sets only the socket, the children and the log), since whether the defaults refuse a burst
+is the question. Runs interleaved, medians of the repeats; every set-up is
 warmed up first (each child has loaded demo.qgs).
 
 Metrics (case ``40 tiles x 10 viewers``), over the counted bursts: ``refused`` (503
@@ -47,8 +47,6 @@ import urllib.parse
 import common
 from core import DEMO
 from results import Context, Row, interleaved, log, metric_rows, peer_setups, running, settle
-
-from fcgipool.config import LimitsSection
 
 KEY = "j"
 NAME = "j-viewer"
@@ -112,11 +110,6 @@ def views(seed: int, width: int = BURST[0], height: int = BURST[1]):
     return of
 
 
-def default_limits() -> dict:
-    """fcgipool's default max_waiting, which common.Fcgipool overrides for the suite."""
-    return {"limits": {"max_waiting": LimitsSection.model_fields["max_waiting"].default}}
-
-
 def estimate(ctx: Context) -> float:
     count = sum(ctx.wants(p) for p in common.PEERS)
     run = ctx.duration(SECONDS) + (0.5 if ctx.quick else RAMP) + 5  # + the last bursts, settle
@@ -126,7 +119,7 @@ def estimate(ctx: Context) -> float:
 def run(ctx: Context) -> list[Row]:
     (ctx.root / "home").mkdir(exist_ok=True)
     env = common.qgis_env(ctx.root / "home")
-    named = peer_setups(ctx, WORKERS, [common.QGIS], env, fcgipool_settings=default_limits())
+    named = peer_setups(ctx, WORKERS, [common.QGIS], env)
     ramp = 0.5 if ctx.quick else RAMP
     warm_views = views(SEED - 1)
     rows: list[Row] = []

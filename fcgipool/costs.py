@@ -68,6 +68,8 @@ class CostModel:
         self.by_project: dict[tuple[str, str], Cost] = {}  # (project, REQUEST)
         self.by_request: dict[str, Cost] = {}  # REQUEST
         self.by_class: dict[str, Cost] = {}
+        self._last_ogc: Mapping[str, str] | None = None
+        self._last: Kind = ("", "", 0, "")
         self.configure(tuning)
 
     def configure(self, tuning: TuningSection) -> None:
@@ -75,6 +77,7 @@ class CostModel:
         self.size_params = tuple(name.upper() for name in tuning.size_params)
         self.kind_params = tuple(name.upper() for name in tuning.kind_params)
         self.size = tuning.kinds
+        self._last_ogc = None
         self.kind_param = self.kind_params[0] if len(self.kind_params) == 1 else ""
         for cost in self.kinds.values():  # the classes may have changed: link again
             cost.fallbacks = None
@@ -89,6 +92,11 @@ class CostModel:
         return self.size_params + self.kind_params
 
     def kind(self, ogc: Mapping[str, str], project: str) -> Kind:
+        # The classifier hands the same (read-only) parameters for a repeated query string
+        # (GetCapabilities...): the last kind is kept for it, and ``ogc`` with it, so that
+        # its identity cannot be taken by another.
+        if ogc is self._last_ogc and project == self._last[0]:
+            return self._last
         size = 0
         if self.size_params:
             pixels = 1
@@ -105,7 +113,9 @@ class CostModel:
             text = "&".join([ogc.get(name, "") for name in self.kind_params])
         if len(text) > _LONG_VALUE:
             text = f"{text[:_LONG_VALUE]}…{zlib.crc32(text.encode()):08x}"
-        return (project, ogc.get("REQUEST", ""), size, text)
+        kind = self._last = (project, ogc.get("REQUEST", ""), size, text)
+        self._last_ogc = ogc
+        return kind
 
     def predict(self, kind: Kind, klass: str) -> float:
         """The expected seconds of a request of ``kind`` in class ``klass``; 0 if unknown."""
@@ -138,8 +148,10 @@ class CostModel:
                 _fallback(self.by_request, kind[1], 256),
                 _fallback(self.by_class, klass, 1024),
             )
-        cost.add(seconds, self.decay)
         decay = self.decay
+        count = cost.count = cost.count + 1  # Cost.add, inline
+        cost.mean += (seconds - cost.mean) * (1.0 / count if count * decay < 1.0 else decay)
+        cost.recent.append(seconds)  # type: ignore[union-attr]  # a kind keeps them
         for each in fallbacks:
             count = each.count = each.count + 1
             each.mean += (seconds - each.mean) * (1.0 / count if count * decay < 1.0 else decay)

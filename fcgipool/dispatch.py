@@ -29,6 +29,7 @@ import itertools
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
+from math import frexp
 from typing import TYPE_CHECKING
 
 from . import logs
@@ -214,7 +215,11 @@ class Dispatcher:
         queue = self.classes[request.request_class]
         if not first:
             cost = request.cost = self.costs.predict(request.kind, queue.name)
-            request.lane = lane(cost) if self.ordered else 0
+            if cost and self.ordered:  # lane(), inline
+                n = frexp(cost * 1000.0)[1]
+                request.lane = n if 0 < n < LANES else (0 if n <= 0 else LANES - 1)
+            else:
+                request.lane = 0
             request.long = cost >= self.long_request
         if self.idle and (
             (self.unlimited and not (request.long and self.protect))
@@ -413,9 +418,8 @@ class Dispatcher:
         else:
             self.short_running += 1
             if self.protect:
-                now = self.clock()
-                if now >= self.window_ends:
-                    self._roll(now)
+                if request.created >= self.window_ends:  # arrival time: close enough
+                    self._roll(self.clock())
                 self.short_work += request.cost if request.cost > 0.001 else 0.001
         if self.max_per_client:
             self.clients[request.params.get(self.client_param, b"")] += 1

@@ -38,6 +38,7 @@ class FakeRequest:
         self.long = False
         self.finished_by_child = False
         self.started = 0.0
+        self.created = 0.0
         self.child: FakeChild | None = None
         self.answer: int | None = None
 
