@@ -203,7 +203,8 @@ class Nginx:
             daemon off;
             pid {self.dir}/nginx.pid;
             error_log {self.dir}/error.log warn;
-            events {{ worker_connections 1024; }}
+            worker_rlimit_nofile 16384;
+            events {{ worker_connections 8192; }}
             http {{
                 access_log off;
                 client_body_temp_path {self.dir}/body;
@@ -213,7 +214,7 @@ class Nginx:
                 scgi_temp_path {self.dir}/scgi;
                 upstream pool {{ server {upstream}; keepalive 16; }}
                 server {{
-                    listen 127.0.0.1:{port};
+                    listen 127.0.0.1:{port} backlog=4096;
                     client_max_body_size 100m;
                     location / {{
                         include /etc/nginx/fastcgi_params;
