@@ -350,7 +350,7 @@ class LimitsSection(_Section):
         default=1024,
         ge=0,
         description="Requests that may wait for a free child, per class: a hard bound on "
-        "memory (a waiting GET holds about 4 KiB); more get 503. Whether a request may wait "
+        "memory (a waiting GET of a map client holds about 6 KiB in the pool); more get 503. Whether a request may wait "
         "is decided first by its predicted wait (tuning.admission).",
     )
     max_buffered: ByteSize = Field(
