@@ -89,6 +89,9 @@ class Dispatcher:
     def waiting(self) -> int:
         return sum(len(queue.waiting) for queue in self.classes.values())
 
+    def backlog(self) -> float:
+        return self.waiting * 0.1  # placeholder: replaced by the cost model
+
     # ------------------------------------------------------------------ requests
 
     def submit(self, request: Request, first: bool = False) -> None:
