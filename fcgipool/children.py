@@ -217,6 +217,10 @@ class Children:
     def starting(self) -> int:
         return sum(1 for child in self.all if child.state is State.STARTING)
 
+    def missing(self) -> int:
+        """Children the target asks for that are not spawned yet (a respawn backoff)."""
+        return max(0, self.workers - len(self.active()))
+
     def serving(self) -> int:
         """Children that take requests (idle or busy), those being replaced included."""
         return sum(1 for child in self.all if child.state in (State.IDLE, State.BUSY))

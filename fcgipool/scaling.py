@@ -11,9 +11,10 @@ child takes to become ready (learned: spawn to ready, probe and warm-up included
     dispatcher.backlog() / max(1, serving) > children.start_seconds
 
 and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` children are
-starting, no idle child could take the waiting work (an idle child with work waiting is held
-back by a class or client limit, which one more child does not lift, unless a class keeps
-it reserved), and ``pool.max_memory`` leaves room for one more child as large as the largest.
+starting (those a respawn backoff holds back count as starting), no idle child could take
+the waiting work (an idle child with work waiting is held back by a class or client limit,
+which one more child does not lift, unless a class keeps it reserved), and
+``pool.max_memory`` leaves room for one more child as large as the largest.
 
 Down: the child idle longest (the bottom of the dispatcher's idle stack: the one used last
 is at the top) has been idle for ``pool.idle_timeout`` and the pool is above
@@ -91,7 +92,7 @@ class Autoscaler:
         children, dispatcher = self.children, self.dispatcher
         if children.workers >= children.maximum:
             return
-        starting = children.starting()
+        starting = children.starting() + children.missing()  # a backoff holds some back
         if starting >= self.max_starting:
             return
         owed = sum(max(0, q.reserved - q.running) for q in dispatcher.by_priority)

@@ -110,6 +110,18 @@ def test_the_learned_start_time_is_an_average_of_the_starts(harness):
     assert learned is not None and 1.0 < learned < 3.0
 
 
+def test_children_held_back_by_a_respawn_backoff_count_as_starting(harness):
+    h = adaptive(harness, max_starting=2, max_failure_pressure=1000)
+    h.processes.spawn_error = OSError(2, "No such file or directory")
+    responses = burst(h, 40, "/?sleep=2")
+    h.run(10)
+    children = h.pool.children
+    assert children.workers <= 1 + 2, "not one more each tick while none can be spawned"
+    h.processes.spawn_error = None
+    h.until(lambda: answered(responses), within=120)
+    assert {response.status for response in responses} == {200}
+
+
 def test_the_memory_bound_stops_growth(harness):
     h = adaptive(harness, max_memory="350MiB", max_starting=4)
     watch = Watch(h)
@@ -332,3 +344,32 @@ def test_a_fixed_pool_never_scales(harness):
     h.until(lambda: answered(responses), within=120)
     h.run(30)
     assert len(living(h)) == 2 and h.pool.children.scaled == {"started": 0, "retired": 0}
+
+
+def test_each_decision_logs_its_numbers_and_the_status_text_shows_the_range(harness, tmp_path):
+    from fcgipool import logs
+    from fcgipool.cli import format_status
+
+    h = adaptive(harness, idle_timeout=5.0)
+    path = tmp_path / "pool.log"
+    logs.configure("console", "debug", str(path))
+    try:
+        responses = burst(h, 40)
+        h.until(lambda: answered(responses), within=60)
+        assert "children 4 of 1..4 (4 idle)" in format_status(h.pool.status())
+        h.until(lambda: len(living(h)) == 3, within=60)
+    finally:
+        logs.configure("console", "info", "")
+    err = path.read_text()
+    up = [line for line in err.splitlines() if "scale_up" in line]
+    down = [line for line in err.splitlines() if "scale_down" in line]
+    assert len(up) == 3 and len(down) == 1
+    for field in ("backlog=", "serving=", "predicted_wait=", "start_seconds=", "workers="):
+        assert field in up[0]
+    assert "idle_seconds=" in down[0] and "workers=3" in down[0]
+    assert err.count("reason=predicted_wait") >= 3 and "reason=idle_timeout" in err
+    text = format_status(h.pool.status())
+    assert "last scaling: retired (idle_timeout) at" in text.splitlines()[0]
+    assert "children 3 of 1..4 (3 idle)" in text
+    fixed = harness({"pool": {"workers": 2}})
+    assert "children 2 (2 idle)" in format_status(fixed.pool.status())
