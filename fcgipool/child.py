@@ -64,6 +64,8 @@ class Child:
         self.warmup = warmup  # URIs it must answer before it takes traffic
         self.warmups_done = 0
         self.projects: OrderedDict[str, None] = OrderedDict()  # served lately, newest last
+        self.idle_since = now  # when it last became idle (meaningful while it is IDLE)
+        self.rss = 0  # resident bytes when last sampled (ready, then every rss_interval)
 
     def __repr__(self) -> str:
         return f"<Child {self.number} pid={self.pid} {self.state.value}>"

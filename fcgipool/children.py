@@ -3,8 +3,14 @@
 Spawn, probe and warm up until ready; hand to a request and take back; recover after an
 abandoned request; retire, recycle (requests, memory, age), replace on reload, scale; reap
 (every exit status arrives through :meth:`Children.reap`); respawn with backoff. Failures
-(crashes, kills after a timeout, failed starts) within a window, over the number of
-workers, make the failure pressure; above its limit the supervisor is told, and exits.
+(crashes, kills after a timeout, failed starts) within a window, each weighed by one over
+the number of workers when it happened, make the failure pressure; above its limit the
+supervisor is told, and exits.
+
+``workers`` is the target, between ``minimum`` and ``maximum``: scaling.py decides when one
+more child is needed or an idle one may go, and :meth:`Children.grow` and
+:meth:`Children.retire_idle` carry it out. The time a child takes from spawn to ready (probe
+and warm-up included) is learned here (``start_seconds``) for those decisions.
 
 Every move of a child's state is checked against :data:`TRANSITIONS`. What a process is
 (fork, exec, signals, waitpid) is behind :class:`Processes`: the real one is
@@ -39,6 +45,8 @@ if TYPE_CHECKING:
 log = logs.get("fcgipool.children")
 
 MAX_BACKOFF = 30.0
+START_SECONDS = 2.0  # a child's start time assumed until one has been measured
+START_WEIGHT = 0.3  # of the newest start in the learned start time (an EWMA)
 _OUR_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what the pool sends to stop a child
 _PROBE_HEAD = 4096
 _ABORT = encode_record(RecordType.ABORT_REQUEST, 1)
@@ -158,12 +166,17 @@ class Children:
         self.all: list[Child] = []
         self.by_pid: dict[int, Child] = {}
         self.started = 0  # children spawned so far; numbers them
-        self.workers = config.pool.workers
+        self.workers = config.pool.workers  # the target
+        self.minimum = config.pool.minimum
+        self.maximum = config.pool.maximum
+        self.start_seconds: float | None = None  # learned spawn -> ready, probe and warm-up in
+        self.scaled = {"started": 0, "retired": 0}  # the autoscaler's decisions carried out
+        self.last_scaling: dict[str, object] | None = None
         self.stale: list[Child] = []  # children a reload has yet to replace
         self.replacing = False  # a reload is under way
         self.stopping = False
         self.ready_announced = False
-        self.failures: collections.deque[float] = collections.deque()
+        self.failures: collections.deque[tuple[float, float]] = collections.deque()  # when, weight
         self.failures_in_a_row = 0
         self.next_spawn_at = 0.0
         self.respawn_timer: asyncio.TimerHandle | None = None
@@ -196,8 +209,21 @@ class Children:
         return [child.request for child in self.all if child.request is not None]
 
     def failure_pressure(self) -> float:
+        """Failures within the window, each over the number of workers when it happened:
+        retiring idle children does not raise the pressure of failures already counted."""
         cutoff = self.loop.time() - self.config.pool.failure_window
-        return sum(1 for moment in self.failures if moment >= cutoff) / self.workers
+        return sum(weight for moment, weight in self.failures if moment >= cutoff)
+
+    def starting(self) -> int:
+        return sum(1 for child in self.all if child.state is State.STARTING)
+
+    def missing(self) -> int:
+        """Children the target asks for that are not spawned yet (a respawn backoff)."""
+        return max(0, self.workers - len(self.active()))
+
+    def serving(self) -> int:
+        """Children that take requests (idle or busy), those being replaced included."""
+        return sum(1 for child in self.all if child.state in (State.IDLE, State.BUSY))
 
     def rss(self, child: Child) -> int:
         return self.processes.rss(child)
@@ -207,9 +233,10 @@ class Children:
 
     # ------------------------------------------------------------------ starting
 
-    def reconcile(self) -> None:
+    def reconcile(self, reason: str = "missing") -> None:
         """Start children until ``workers`` are active (not being replaced), respecting the
-        respawn backoff; and let a pending reload replace its next batch."""
+        respawn backoff; and let a pending reload replace its next batch. ``reason`` says
+        why a child would be started (in child_started)."""
         if self.stopping:
             return
         limit = self.config.pool.max_recycling
@@ -231,13 +258,13 @@ class Children:
         for _ in range(missing):
             if self.stopping:
                 return
-            self._spawn()
+            self._spawn(reason)
 
     def _respawn_due(self) -> None:
         self.respawn_timer = None
-        self.reconcile()
+        self.reconcile("respawn")
 
-    def _spawn(self) -> None:
+    def _spawn(self, reason: str) -> None:
         self.started += 1
         section = self.config.child
         child = Child(self.started, list(self.warmup), self.loop.time())
@@ -250,11 +277,11 @@ class Children:
         except (OSError, subprocess.SubprocessError) as error:
             log.error("child_spawn_failed", error=str(error))
             self._failure("spawn failed")
-            self.reconcile()
+            self.reconcile("respawn")
             return
         self.all.append(child)
         self.by_pid[child.pid] = child
-        log.info("child_started", pid=child.pid)
+        log.info("child_started", pid=child.pid, reason=reason)
         self._probe(child, section.start_timeout, section.probe_uri, False, self._on_started)
 
     def _on_started(self, child: Child, ok: bool) -> None:
@@ -272,6 +299,12 @@ class Children:
             return
         elapsed = round(self.loop.time() - child.started_at, 3)
         log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=len(child.warmup))
+        learned = self.start_seconds
+        self.start_seconds = (
+            elapsed if learned is None else learned + START_WEIGHT * (elapsed - learned)
+        )
+        if self.config.pool.max_memory or self.config.child.max_rss:
+            child.rss = self.processes.rss(child)  # once per start, not per request
         self.failures_in_a_row = 0
         self.dispatcher.child_ready(child)
         self._free(child)
@@ -375,6 +408,7 @@ class Children:
             self._retire(child)
             return
         _move(child, State.IDLE)
+        child.idle_since = self.loop.time()
         self.dispatcher.child_idle(child)
 
     def _misbehaved(self, child: Child) -> None:
@@ -391,18 +425,21 @@ class Children:
         child.retiring = reason
         self.accounting.restarted(reason)
         log.info("child_recycling", pid=child.pid, reason=reason)
-        self.reconcile()
+        self.reconcile("recycle")
 
     def check_age_and_memory(self) -> None:
         """Recycle children past child.max_lifetime or child.max_rss (every rss_interval)."""
         section = self.config.child
         now = self.loop.time()
+        sample = bool(section.max_rss or self.config.pool.max_memory)
         for child in list(self.all):
+            if sample and child.state is not State.DEAD:
+                child.rss = self.processes.rss(child)  # what the memory bound reads
             if child.retiring or child.state not in (State.IDLE, State.BUSY):
                 continue
             if section.max_lifetime and now - child.started_at > section.max_lifetime:
                 self.recycle(child, "max_lifetime")
-            elif section.max_rss and self.processes.rss(child) > section.max_rss:
+            elif section.max_rss and child.rss > section.max_rss:
                 self.recycle(child, "max_rss")
 
     def replace_all(self) -> int:
@@ -410,7 +447,7 @@ class Children:
         self.stale = self.active()
         self.replacing = bool(self.stale)
         self.accounting.restarted("reload", len(self.stale))
-        self.reconcile()
+        self.reconcile("reload")
         return len(self.stale)
 
     def scale(self, workers: int) -> None:
@@ -420,7 +457,39 @@ class Children:
         surplus = len(active) - workers
         for child in sorted(active, key=lambda c: c.state is State.BUSY)[: max(0, surplus)]:
             child.retiring = "scale_down"
-        self.reconcile()
+        self.reconcile("scale")
+
+    def set_range(self, minimum: int, maximum: int) -> None:
+        """The target may move between ``minimum`` and ``maximum`` from now on; it is
+        brought into the range (what that starts or retires is up to the caller: a reload
+        replaces every child anyway, a scale calls :meth:`scale`)."""
+        self.minimum, self.maximum = minimum, maximum
+        self.workers = max(minimum, min(maximum, self.workers))
+
+    def grow(self, reason: str, numbers: dict[str, float]) -> None:
+        """One child more than now (the autoscaler decided so): started and warmed like
+        every other, it takes requests once ready."""
+        if self.stopping or self.workers >= self.maximum:
+            return
+        self.workers += 1
+        self.scaled["started"] += 1
+        self.last_scaling = self._decision("started", reason, numbers)
+        self.reconcile(reason)
+
+    def retire_idle(self, child: Child, reason: str, numbers: dict[str, float]) -> None:
+        """One child fewer: ``child``, which must be idle (never one with a request), goes
+        now and is not replaced."""
+        if child.state is not State.IDLE or child.retiring or self.workers <= self.minimum:
+            return
+        self.workers -= 1
+        self.scaled["retired"] += 1
+        self.last_scaling = self._decision("retired", reason, numbers)
+        child.retiring = reason
+        self._retire(child)
+
+    def _decision(self, action: str, reason: str, numbers: dict[str, float]) -> dict[str, object]:
+        return {"action": action, "reason": reason, "at": self.loop.time(), **numbers,
+                "workers": self.workers}  # fmt: skip
 
     def _retire_surplus(self) -> None:
         """Stop the children being replaced once enough replacements are ready."""
@@ -520,15 +589,15 @@ class Children:
             if not self.by_pid:
                 self.events.children_gone()
             return
-        self.reconcile()
+        self.reconcile("respawn" if failed else "missing")
         if self.replacing and not self.stale and not self.retiring():
             self.replacing = False
             self.events.children_replaced()
 
     def _failure(self, reason: str) -> None:
         now = self.loop.time()
-        self.failures.append(now)
-        while self.failures and self.failures[0] < now - self.config.pool.failure_window:
+        self.failures.append((now, 1 / max(1, self.workers)))
+        while self.failures and self.failures[0][0] < now - self.config.pool.failure_window:
             self.failures.popleft()
         self.failures_in_a_row += 1
         delay = self.config.child.respawn_delay * 2 ** (self.failures_in_a_row - 1)

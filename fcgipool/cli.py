@@ -37,6 +37,8 @@ def _overrides(
     http: str | None = None,
     wsgi: str | None = None,
     log_format: str | None = None,
+    min_workers: int | None = None,
+    max_workers: int | None = None,
 ) -> dict[str, Any]:
     pool: dict[str, Any] = {}
     child: dict[str, Any] = {}
@@ -53,6 +55,10 @@ def _overrides(
         pool["bind"] = list(bind)
     if workers is not None:
         pool["workers"] = workers
+    if min_workers is not None:
+        pool["min_workers"] = min_workers
+    if max_workers is not None:
+        pool["max_workers"] = max_workers
     if control is not None:
         pool["control"] = control
     if command:
@@ -95,7 +101,9 @@ def _load(path: str | None, overrides: dict[str, Any], euid: int | None) -> conf
     help="Pool socket: unix:/path.sock, /path.sock, tcp:HOST:PORT, HOST:PORT, [::1]:PORT or "
     ":PORT (every interface). Repeat for more.",
 )  # fmt: skip
-@click.option("-w", "--workers", type=int, help="Number of children.")
+@click.option("-w", "--workers", type=int, help="Number of children (to start with).")
+@click.option("--min-workers", type=int, help="Fewest children (pool.min_workers).")
+@click.option("--max-workers", type=int, help="Most children (pool.max_workers).")
 @click.option("--timeout", type=float, help="Per-request timeout in seconds.")
 @click.option("--control", metavar="PATH", help="Path of the control socket.")
 @click.option(
@@ -112,6 +120,8 @@ def serve(
     config_path: str | None,
     bind: tuple[str, ...],
     workers: int | None,
+    min_workers: int | None,
+    max_workers: int | None,
     timeout: float | None,
     control: str | None,
     env: tuple[str, ...],
@@ -121,7 +131,8 @@ def serve(
     command: tuple[str, ...],
 ) -> None:
     """Run a pool: fcgipool serve [OPTIONS] [-- COMMAND ARGS...]"""
-    overrides = _overrides(bind, workers, timeout, control, env, command, http, wsgi, log_format)
+    overrides = _overrides(bind, workers, timeout, control, env, command, http, wsgi, log_format,
+                           min_workers, max_workers)  # fmt: skip
     cfg = _load(config_path, overrides, os.geteuid())
     try:
         logs.configure(cfg.log.format, cfg.log.level, cfg.log.file)
@@ -261,10 +272,16 @@ def stop(config_path: str | None, control: str | None, fast: bool) -> None:
 def format_status(document: dict[str, Any]) -> str:
     pool = document["pool"]
     states = ", ".join(f"{n} {state}" for state, n in pool["children"].items() if n) or "none"
+    low, high = pool.get("min_workers"), pool.get("max_workers")
+    span = f" of {low}..{high}" if low is not None and low != high else ""
+    last = (pool.get("scaling") or {}).get("last")
+    scaled = (
+        f"  last scaling: {last['action']} ({last['reason']}) at {last['at']:.0f} s" if last else ""
+    )
     lines = [
         f"pool {pool['pid']}  up {pool['uptime']:.0f} s  generation {pool['generation']}  "
-        f"config {pool['config_file'] or '-'}",
-        f"children {pool['workers']} ({states})  queue {pool['queue_length']}/"
+        f"config {pool['config_file'] or '-'}" + scaled,
+        f"children {pool['workers']}{span} ({states})  queue {pool['queue_length']}/"
         f"{pool['max_waiting']}  served {pool['requests_served']}  "
         f"failure pressure {pool['failure_pressure']}/{pool['max_failure_pressure']}"
         + ("  STOPPING" if pool["stopping"] else ""),

@@ -200,7 +200,49 @@ class PoolSection(_Section):
         default="",
         description="Group of unix pool sockets, e.g. www-data so nginx workers can connect.",
     )
-    workers: int = Field(default=2, ge=1, le=4096, description="Number of children.")
+    workers: int = Field(
+        default=2,
+        ge=1,
+        le=4096,
+        description="Number of children. With min_workers or max_workers, the number it "
+        "starts with: given, it must lie within that range; left at its default, it is moved "
+        "into it.",
+    )
+    min_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Fewest children: a child above this number that stays idle for "
+        "idle_timeout is retired. Unset: workers.",
+    )
+    max_workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Most children: while requests wait longer than a new child takes to be "
+        "ready (its probe and warm-up included, as measured), one more is started, up to "
+        "this number. Unset: workers.",
+    )
+    idle_timeout: Seconds = Field(
+        default=60.0,
+        description="Seconds a child above min_workers may stay idle before it is retired "
+        "(one at a time, the one idle longest). Long enough that the gaps of a map "
+        "viewer's session do not retire a warm child that the next pan needs again.",
+    )
+    max_starting: int = Field(
+        default=2,
+        ge=1,
+        le=4096,
+        description="Children the pool adds at once when requests wait: each one in start-up "
+        "is counted (QGIS is CPU-bound while it loads; about one per core).",
+    )
+    max_memory: ByteSize = Field(
+        default=ByteSize(0),
+        ge=0,
+        description="No child is added when the children's resident memory (sampled every "
+        "child.rss_interval) plus that of the largest child would exceed this; 0 is no "
+        "bound. Replacements of children that die or are recycled are not held back.",
+    )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description="The event loop: auto is uvloop (installed with fcgipool on Linux; it "
@@ -216,7 +258,8 @@ class PoolSection(_Section):
         default=2.0,
         gt=0,
         description="Failures (crashes, kills after a timeout, failed starts) within "
-        "failure_window, divided by workers. Above it the pool exits with code 3 so that "
+        "failure_window, each divided by the number of children (workers) when it happened. "
+        "Above it the pool exits with code 3 so that "
         "systemd or Kubernetes can replace it.",
     )
     failure_window: Seconds = Field(
@@ -234,6 +277,16 @@ class PoolSection(_Section):
         "`reload`, `scale`, `stop`; empty puts it next to the first unix pool socket "
         "(NAME.sock → NAME.ctl).",
     )
+
+    @property
+    def minimum(self) -> int:
+        """pool.min_workers, or workers when it is unset."""
+        return self.workers if self.min_workers is None else self.min_workers
+
+    @property
+    def maximum(self) -> int:
+        """pool.max_workers, or workers when it is unset."""
+        return self.workers if self.max_workers is None else self.max_workers
 
 
 class ChildSection(_Section):
@@ -350,8 +403,9 @@ class LimitsSection(_Section):
         default=1024,
         ge=0,
         description="Requests that may wait for a free child, per class: a hard bound on "
-        "memory (a waiting GET of a map client holds about 6 KiB in the pool); more get 503. Whether a request may wait "
-        "is decided first by its predicted wait (tuning.admission).",
+        "memory (a waiting GET of a map client holds about 6 KiB in the pool); more get "
+        "503. Whether a request may wait is decided first by its predicted wait "
+        "(tuning.admission).",
     )
     max_buffered: ByteSize = Field(
         default=ByteSize(64 * 2**20),
@@ -612,16 +666,32 @@ class Config(_Section):
     )
 
     @model_validator(mode="after")
+    def _check_workers(self) -> Config:
+        """min_workers <= workers <= max_workers; a default workers is moved into the range."""
+        pool = self.pool
+        low, high = pool.min_workers, pool.max_workers
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"pool.min_workers: {low} is above pool.max_workers ({high})")
+        if "workers" not in pool.model_fields_set:
+            pool.workers = max(low or 1, min(high or 4096, pool.workers))
+        elif low is not None and pool.workers < low:
+            raise ValueError(f"pool.workers: {pool.workers} is below pool.min_workers ({low})")
+        elif high is not None and pool.workers > high:
+            raise ValueError(f"pool.workers: {pool.workers} is above pool.max_workers ({high})")
+        return self
+
+    @model_validator(mode="after")
     def _check_classes(self) -> Config:
         names = [rule.name for rule in self.classes]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"classes: duplicate class names {duplicates}")
         reserved = sum(rule.reserved for rule in self.classes)
-        if reserved and reserved >= self.pool.workers:
+        if reserved and reserved >= self.pool.minimum:
+            key = "pool.min_workers" if self.pool.min_workers is not None else "pool.workers"
             raise ValueError(
                 f"classes: {reserved} reserved children leave none for the others "
-                f"(pool.workers = {self.pool.workers})"
+                f"({key} = {self.pool.minimum})"
             )
         return self
 
@@ -765,6 +835,9 @@ def default_toml() -> str:
         for key, subfield in field.annotation.model_fields.items():  # type: ignore[union-attr]
             for line in _wrap(subfield.description or ""):
                 table.add(tomlkit.comment(line))
+            if defaults[section][key] is None:  # unset by default: TOML has no null
+                table.add(tomlkit.comment(f"{key} = (unset)"))
+                continue
             table.add(key, _toml_item(defaults[section][key]))
         document.add(tomlkit.nl())
         document.add(section, table)
@@ -821,9 +894,10 @@ def reference_markdown() -> str:
         lines += ["| key | default | meaning |", "|---|---|---|"]
         model = field.annotation
         for key, subfield in model.model_fields.items():  # type: ignore[union-attr]
-            default = tomlkit.item(defaults[section][key]).as_string()
+            value = defaults[section][key]
+            default = "unset" if value is None else f"`{tomlkit.item(value).as_string()}`"
             text = (subfield.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | `{default}` | {text} |")
+            lines.append(f"| `{key}` | {default} | {text} |")
         lines.append("")
     lines += ["## [[classes]]", "", Config.model_fields["classes"].description or "", ""]
     lines += ["| key | meaning |", "|---|---|"]

@@ -46,6 +46,7 @@ log = logs.get("fcgipool.dispatch")
 AFFINITY_LOOKAHEAD = 8  # waiting requests looked at for one whose project a child holds
 AFFINITY_MAX_WAIT = 2.0  # seconds; a head that waited longer is never passed over
 LANES = 16  # cost lanes of a queue: lane n holds predicted costs of 2**(n-1) to 2**n ms
+UNKNOWN_COST = 0.1  # seconds a request is assumed to take before anything is learned
 SHORT_WINDOW = 10.0  # seconds over which the children used by short requests are averaged
 
 
@@ -76,6 +77,7 @@ class ClassQueue:
         self.lanes: list[deque[Request]] = [deque() for _ in range(LANES)]
         self.work = [0.0] * LANES  # predicted seconds waiting, per lane
         self.length = 0
+        self.unknown = 0  # waiting requests of a kind whose cost nothing predicted (0)
         self.running = 0
 
     def __len__(self) -> int:
@@ -93,6 +95,8 @@ class ClassQueue:
             self.lanes[n].append(request)
         self.work[n] += request.cost
         self.length += 1
+        if not request.cost:
+            self.unknown += 1
 
     def remove(self, request: Request) -> bool:
         n = request.lane
@@ -110,6 +114,8 @@ class ClassQueue:
 
     def _removed(self, n: int, request: Request) -> None:
         self.length -= 1
+        if not request.cost:
+            self.unknown -= 1
         self.work[n] = self.work[n] - request.cost if self.lanes[n] else 0.0
 
     def take(self, other: ClassQueue) -> None:
@@ -118,6 +124,7 @@ class ClassQueue:
             self.lanes[n].extend(waiting)
             self.work[n] += other.work[n]
         self.length += other.length
+        self.unknown += other.unknown
         self.running += other.running
 
     def oldest(self) -> int:
@@ -203,8 +210,22 @@ class Dispatcher:
         return sum(queue.length for queue in self.classes.values())
 
     def backlog(self) -> float:
-        """Predicted seconds of work of every waiting request."""
-        return sum(queue.total_work for queue in self.classes.values())
+        """Predicted seconds of work of every waiting request. A request queued before
+        anything predicted its cost counts as what its class costs now (a burst at start),
+        else as the mean of every class, else UNKNOWN_COST."""
+        total = 0.0
+        for queue in self.classes.values():
+            total += queue.total_work
+            if queue.unknown:
+                total += queue.unknown * self._guess(queue.name)
+        return total
+
+    def _guess(self, name: str) -> float:
+        learned = self.costs.by_class.get(name)
+        if learned is not None and learned.mean > 0:
+            return learned.mean
+        means = [cost.mean for cost in self.costs.by_class.values() if cost.mean > 0]
+        return sum(means) / len(means) if means else UNKNOWN_COST
 
     # ------------------------------------------------------------------ requests
 

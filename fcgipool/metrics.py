@@ -124,7 +124,21 @@ class _PoolCollector:
             "Busy children over configured workers (scale on this).",
             value=counts["busy"] / max(1, workers),
         )
-        yield GaugeMetricFamily("fcgipool_workers", "Configured number of children.", value=workers)
+        yield GaugeMetricFamily("fcgipool_workers", "Target number of children.", value=workers)
+        yield GaugeMetricFamily(
+            "fcgipool_min_workers", "Fewest children (pool.min_workers).", value=children.minimum
+        )
+        yield GaugeMetricFamily(
+            "fcgipool_max_workers", "Most children (pool.max_workers).", value=children.maximum
+        )
+        scaled = CounterFamily(
+            "fcgipool_scaled",
+            "Children started or retired by the adaptive number of children.",
+            labels=["action"],
+        )
+        for action in ("started", "retired"):
+            scaled.add_metric([action], children.scaled[action])
+        yield scaled
         yield GaugeMetricFamily(
             "fcgipool_queue_length", "Requests waiting for a free child.", value=dispatcher.waiting
         )

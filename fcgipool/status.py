@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .child import State
+from .children import START_SECONDS
 
 if TYPE_CHECKING:
     from .accounting import Accounting
@@ -59,6 +60,22 @@ def child_counts(children: Children) -> dict[str, int]:
     return counts
 
 
+def scaling(pool: PoolView) -> dict[str, Any]:
+    """The adaptive number of children: its decisions and what it has learned."""
+    children = pool.children
+    last = children.last_scaling
+    if last is not None:
+        at = float(last["at"])  # type: ignore[arg-type]
+        last = {**last, "at": round(pool.uptime() - (pool.now() - at), 3)}
+    learned = children.start_seconds
+    return {
+        "last": last,
+        "started": children.scaled["started"],
+        "retired": children.scaled["retired"],
+        "start_seconds": round(START_SECONDS if learned is None else learned, 3),
+    }
+
+
 def snapshot(pool: PoolView) -> dict[str, Any]:
     """The pool and one row per child, as `fcgipool status --json` prints it."""
     now = pool.now()
@@ -99,6 +116,9 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             "generation": pool.reloads,
             "config_file": pool.config_path,
             "workers": children.workers,
+            "min_workers": children.minimum,
+            "max_workers": children.maximum,
+            "scaling": scaling(pool),
             "children": child_counts(children),
             "queue_length": dispatcher.waiting,
             "classes": {

@@ -6,8 +6,9 @@ scale, stop) its own method. The pool's own life is one :class:`Lifecycle`; ever
 is in :data:`LIFECYCLE`. The parts, in the order a request meets them: listeners.py (the
 sockets), frontend.py (the connections), request.py (one request's life), admission.py
 (class, project), dispatch.py (queues, picking a child), children.py (the children's
-life), accounting.py (counts, the access log). None of them imports this module: each is
-handed what it needs (request.Context, children.Events, status.PoolView, admin.Controls).
+life), scaling.py (how many children), accounting.py (counts, the access log). None of
+them imports this module: each is handed what it needs (request.Context, children.Events,
+status.PoolView, admin.Controls).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .machine import IllegalTransition, StateEnum
 from .metrics import Metrics
 from .processes import OsProcesses
 from .request import Context
+from .scaling import Autoscaler
 from .status import snapshot
 
 log = logs.get("fcgipool.supervisor")
@@ -101,7 +103,7 @@ class Pool:
         self.lifecycle = Lifecycle.STARTING
         self.started_at = loop.time()
         self.reloads = 0
-        self.scaled = False  # `scale` was used: the number of workers survives reloads
+        self.scaled = False  # `scale` pinned the number of workers (see reload)
         self.exit_code = 0
         self.os_processes: OsProcesses | None = None
         if processes is None:
@@ -113,6 +115,7 @@ class Pool:
         self.admission = Admission(config, classifier, self.costs)
         self.accounting = Accounting(loop.time, config.log.access)
         self.children = Children(config, processes, self.dispatcher, self.accounting, self, loop)
+        self.autoscaler = Autoscaler(config, self.children, self.dispatcher, loop.time)
         self.context = Context(
             loop=loop,
             limits=config.limits,
@@ -162,7 +165,8 @@ class Pool:
         if self.stopping:
             return False, "stopping"
         ready = self.children.ready()
-        if ready < max(1, min(self.config.admin.min_ready, self.children.workers)):
+        # Against the floor, not the target: a pool growing for a burst stays ready.
+        if ready < max(1, min(self.config.admin.min_ready, self.children.minimum)):
             return False, f"{ready} children ready"
         for queue in self.dispatcher.classes.values():
             if queue.max_waiting and len(queue) >= queue.max_waiting:
@@ -266,12 +270,15 @@ class Pool:
             action()
 
     def _tick(self) -> None:
-        """Requests past their timeout, waits past their queue timeout; the access log."""
+        """Requests past their timeout, waits past their queue timeout; the access log;
+        a child more or fewer."""
         logs.flush_access()
         now = self.loop.time()
         self.dispatcher.expire(now)
         for request in self.children.requests():
             request.check_timeout(now)
+        if self.lifecycle is Lifecycle.RUNNING:
+            self.autoscaler.tick()
         if self.lifecycle is Lifecycle.DRAINING:
             self._check_drain()
 
@@ -387,14 +394,25 @@ class Pool:
         return ""
 
     def _configure(self, new: Config) -> None:
-        """Every part follows the new configuration from now on."""
+        """Every part follows the new configuration from now on. The number of children
+        stays where it is, brought into the new pool.min_workers..max_workers; a number
+        pinned by `scale` stays unless the reload changes workers, min_workers or
+        max_workers (the newer word wins)."""
+        old = self.config.pool
+        if self.scaled and (old.workers, old.minimum, old.maximum) != (
+            new.pool.workers, new.pool.minimum, new.pool.maximum
+        ):  # fmt: skip
+            self.scaled = False
+            log.info("scale_unpinned", min_workers=new.pool.minimum,
+                     max_workers=new.pool.maximum)  # fmt: skip
         self.config = new
         classifier = Classifier(new)
         self.dispatcher.configure(new, classifier.rules)
         self.admission.configure(new, classifier)
         self.children.configure(new)
+        self.autoscaler.configure(new)
         if not self.scaled:
-            self.children.workers = new.pool.workers
+            self.children.set_range(new.pool.minimum, new.pool.maximum)
         if self.os_processes is not None:
             self.os_processes.configure(new)
         context = self.context
@@ -407,7 +425,8 @@ class Pool:
         logs.configure(new.log.format, new.log.level, new.log.file)
 
     def scale(self, workers: int) -> str:
-        """Run ``workers`` children from now on; returns why not, or an empty string."""
+        """Run ``workers`` children from now on, pinned (no adaptive scaling) until a reload
+        changes the pool's numbers; returns why not, or an empty string."""
         if self.stopping:
             return "the pool is stopping"
         reserved = sum(rule.reserved for rule in self.config.classes)
@@ -415,6 +434,7 @@ class Pool:
             return f"{workers} children: need 1..4096 and more than the {reserved} reserved"
         self.scaled = True
         log.info("scale", workers=workers)
+        self.children.set_range(workers, workers)
         self.children.scale(workers)
         return ""
 

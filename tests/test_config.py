@@ -124,3 +124,62 @@ def test_configuration_reference_in_docs_matches_the_schema():
     assert docs.read_text() == config.reference_markdown() + "\n", (
         "docs/configuration.md drifted: run `fcgipool config reference > docs/configuration.md`"
     )
+
+
+# ---------------------------------------------------------------- the number of children
+
+
+def test_min_and_max_workers_default_to_workers_and_a_default_workers_moves_into_the_range():
+    cfg = config.build(None, {}, {})
+    assert (cfg.pool.min_workers, cfg.pool.max_workers) == (None, None)
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (2, 2, 2)
+    cfg = config.build(None, {"pool": {"max_workers": 8}}, {})
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (2, 2, 8)
+    cfg = config.build(None, {"pool": {"min_workers": 1}}, {})
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (1, 2, 2)
+    cfg = config.build(None, {"pool": {"min_workers": 4, "max_workers": 8}}, {})
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (4, 4, 8)
+    cfg = config.build(None, {"pool": {"max_workers": 1}}, {})
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        ({"min_workers": 4, "max_workers": 2}, "pool.min_workers: 4 is above pool.max_workers (2)"),
+        ({"workers": 5, "max_workers": 4}, "pool.workers: 5 is above pool.max_workers (4)"),
+        ({"workers": 1, "min_workers": 2}, "pool.workers: 1 is below pool.min_workers (2)"),
+        ({"min_workers": 0}, "pool.min_workers: Input should be greater than or equal to 1"),
+        ({"max_starting": 0}, "pool.max_starting: Input should be greater than or equal to 1"),
+        ({"idle_timeout": 0}, "pool.idle_timeout: Input should be greater than 0"),
+        ({"max_memory": "lots"}, "pool.max_memory:"),
+    ],
+)
+def test_a_bad_range_of_workers_names_the_key(pool, expected):
+    with pytest.raises(config.ConfigError) as caught:
+        config.build(None, {"pool": pool}, {})
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value
+
+
+def test_reserved_children_must_leave_one_at_the_minimum():
+    classes = [{"name": "light", "reserved": 1}]
+    config.build(None, {"pool": {"workers": 2}, "classes": classes}, {})
+    with pytest.raises(config.ConfigError) as caught:
+        config.build(None, {"pool": {"min_workers": 1, "max_workers": 4}, "classes": classes}, {})
+    assert caught.value.problems == [
+        "classes: 1 reserved children leave none for the others (pool.min_workers = 1)"
+    ]
+
+
+def test_min_and_max_workers_flags(tmp_path):
+    flags = _overrides((), None, None, None, (), (), min_workers=1, max_workers=6)
+    assert flags == {"pool": {"min_workers": 1, "max_workers": 6}}
+    cfg = config.build(None, flags, {})
+    assert (cfg.pool.minimum, cfg.pool.workers, cfg.pool.maximum) == (1, 2, 6)
+    result = run_cli("serve", "--min-workers", "3", "--max-workers", "2", "--", "/bin/true")
+    assert result.returncode == 2
+    assert "pool.min_workers: 3 is above pool.max_workers (2)" in result.stderr
+    result = run_cli("serve", "-w", "9", "--max-workers", "4", "--", "/bin/true")
+    assert result.returncode == 2 and "pool.workers: 9 is above pool.max_workers" in result.stderr
+    result = run_cli("serve", "--max-workers", "0", "--", "/bin/true")
+    assert result.returncode == 2 and "pool.max_workers: Input should be greater" in result.stderr

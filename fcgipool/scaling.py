@@ -1,0 +1,139 @@
+"""Adaptive children: when one more is worth starting, when an idle one may go.
+
+The :class:`Autoscaler` decides; children.py, the only writer of a child's state, carries
+the decisions out (:meth:`Children.grow`, :meth:`Children.retire_idle`). It is asked every
+tick of the supervisor (0.1 s), so a decision reads only what is in memory: the children's
+states, their last RSS samples, the dispatcher's waiting work. O(children), no I/O.
+
+Up: work waits, and spread over the children that serve it would wait longer than a new
+child takes to become ready (learned: spawn to ready, probe and warm-up included)::
+
+    dispatcher.backlog() / max(1, serving) > children.start_seconds
+
+and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` children are
+starting (those a respawn backoff holds back count as starting), no idle child could take
+the waiting work (an idle child with work waiting is held back by a class or client limit,
+which one more child does not lift, unless a class keeps it reserved), and
+``pool.max_memory`` leaves room for one more child as large as the largest.
+
+Down: the child idle longest (the bottom of the dispatcher's idle stack: the one used last
+is at the top) has been idle for ``pool.idle_timeout`` and the pool is above
+``pool.min_workers``: it is retired. At most one decision a tick.
+
+Not while a reload replaces the children or the pool stops (the supervisor only asks while
+it runs). Each decision logs one debug line on ``fcgipool.dispatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from . import logs
+from .child import State
+from .children import START_SECONDS
+
+if TYPE_CHECKING:
+    from .child import Child
+    from .children import Children
+    from .config import Config
+    from .dispatch import ClassQueue
+
+log = logs.get("fcgipool.dispatch")
+
+
+class Waiting(Protocol):
+    """The dispatcher, as the autoscaler sees it."""
+
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def idle(self) -> list[Child]: ...
+    @property
+    def by_priority(self) -> list[ClassQueue]: ...
+    def backlog(self) -> float:
+        """Predicted seconds of work of every waiting request."""
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        config: Config,
+        children: Children,
+        dispatcher: Waiting,
+        clock: Callable[[], float],
+    ) -> None:
+        self.children = children
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        pool = config.pool
+        self.idle_timeout = pool.idle_timeout
+        self.max_starting = pool.max_starting
+        self.max_memory = int(pool.max_memory)
+
+    def start_seconds(self) -> float:
+        learned = self.children.start_seconds
+        return START_SECONDS if learned is None else learned
+
+    def tick(self) -> None:
+        """At most one decision: a child more, or an idle one fewer."""
+        children = self.children
+        if children.stopping or children.replacing or children.minimum == children.maximum:
+            return
+        if self.dispatcher.waiting:
+            self._maybe_grow()
+        elif children.workers > children.minimum:
+            self._maybe_retire()
+
+    def _maybe_grow(self) -> None:
+        children, dispatcher = self.children, self.dispatcher
+        if children.workers >= children.maximum:
+            return
+        starting = children.starting() + children.missing()  # a backoff holds some back
+        if starting >= self.max_starting:
+            return
+        owed = sum(max(0, q.reserved - q.running) for q in dispatcher.by_priority)
+        if len(dispatcher.idle) > owed:
+            return  # an idle child could start the work: limits hold it, not capacity
+        serving = children.serving()
+        backlog = dispatcher.backlog()
+        predicted_wait = backlog / max(1, serving)
+        start_seconds = self.start_seconds()
+        if predicted_wait <= start_seconds:
+            return
+        if self.max_memory and not self._memory_allows(starting):
+            return
+        numbers = {
+            "backlog": round(backlog, 3),
+            "serving": serving,
+            "predicted_wait": round(predicted_wait, 3),
+            "start_seconds": round(start_seconds, 3),
+        }
+        log.debug("scale_up", **numbers, workers=children.workers + 1)
+        children.grow("predicted_wait", numbers)
+
+    def _memory_allows(self, starting: int) -> bool:
+        """The sampled RSS of the living children, with each starting one (not sampled yet)
+        and the one to start counted as large as the largest, stays within the budget."""
+        total = largest = 0
+        for child in self.children.all:
+            if child.state is not State.STARTING and child.state is not State.DEAD:
+                total += child.rss
+                largest = max(largest, child.rss)
+        return total + largest * (starting + 1) <= self.max_memory
+
+    def _maybe_retire(self) -> None:
+        now = self.clock()
+        for child in self.dispatcher.idle:  # the bottom of the stack: idle longest
+            if child.state is not State.IDLE or child.retiring:
+                continue
+            idle = now - child.idle_since
+            if idle < self.idle_timeout:
+                return  # every child above it became idle later
+            log.debug("scale_down", pid=child.pid, idle_seconds=round(idle, 3),
+                      workers=self.children.workers - 1)  # fmt: skip
+            self.children.retire_idle(child, "idle_timeout", {"idle_seconds": round(idle, 3)})
+            return

@@ -1,0 +1,375 @@
+"""The adaptive number of children (scaling.py deciding, children.py carrying out): growth
+by predicted wait within max_workers, max_starting and max_memory; retirement after
+idle_timeout down to min_workers; no request lost; scale, TTIN and reload."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from fakes import Answer
+
+from fcgipool.child import State
+from fcgipool.supervisor import Lifecycle
+
+START = 1.0  # seconds each fake child takes to answer its readiness probe
+MiB = 2**20
+
+
+def adaptive(harness, start: float = START, config_path: str | None = None, **pool):
+    """A pool of fake children that take ``start`` seconds to be ready, min 1 / max 4 /
+    idle_timeout 10 s unless ``pool`` says otherwise; started and ready."""
+    settings = {"min_workers": 1, "max_workers": 4, "workers": 1, "idle_timeout": 10.0, **pool}
+    h = harness(None if config_path else {"pool": settings}, start=False, config_path=config_path)
+    h.processes.on_spawn = lambda program: setattr(program, "probe", Answer(200, b"p\n", start))
+    h.pool.start()
+    h.until(lambda: h.pool.lifecycle is Lifecycle.RUNNING, what="the pool running")
+    return h
+
+
+def living(h) -> list:
+    return [child for child in h.pool.children.all if child.state is not State.DEAD]
+
+
+def burst(h, count: int, uri: str = "/?sleep=1"):
+    """``count`` requests at once, each on its own connection."""
+    return [h.connect().request(f"{uri}&n={n}") for n in range(count)]
+
+
+def answered(responses) -> bool:
+    return all(response.end is not None for response in responses)
+
+
+class Watch:
+    """Checked at every idle turn of the loop: the most children alive, the most starting
+    at once, and any retiring child that had a request."""
+
+    def __init__(self, h) -> None:
+        self.h = h
+        self.most_alive = self.most_starting = self.most_workers = 0
+        self.retired_busy: list[int] = []
+
+    def __call__(self, condition=lambda: False):
+        def check() -> bool:
+            children = self.h.pool.children
+            self.most_alive = max(self.most_alive, len(living(self.h)))
+            self.most_starting = max(self.most_starting, children.starting())
+            self.most_workers = max(self.most_workers, children.workers)
+            for child in children.all:
+                if child.retiring == "idle_timeout" and (
+                    child.request or child.state is State.BUSY
+                ):
+                    self.retired_busy.append(child.pid)
+            return bool(condition())
+
+        return check
+
+
+# ---------------------------------------------------------------- growing
+
+
+def test_a_burst_grows_the_pool_to_max_workers_never_more_than_max_starting_at_once(harness):
+    h = adaptive(harness, max_starting=2)
+    assert len(living(h)) == 1 and h.pool.children.start_seconds == START
+    watch = Watch(h)
+    responses = burst(h, 40)
+    h.until(watch(lambda: answered(responses)), within=60, what="every answer")
+    assert {response.status for response in responses} == {200}
+    assert watch.most_alive == 4 and watch.most_workers == 4, "max_workers reached, not passed"
+    assert watch.most_starting == 2, "max_starting bounds the children starting at once"
+    assert h.pool.children.scaled == {"started": 3, "retired": 0}
+    assert sum(len(program.served) for program in h.processes.started) == 40
+    last = h.pool.children.last_scaling
+    assert last is not None and last["action"] == "started" and last["reason"] == "predicted_wait"
+    assert last["predicted_wait"] > last["start_seconds"] == START
+
+
+def test_no_child_is_added_while_the_predicted_wait_is_below_a_start(harness):
+    h = adaptive(harness)
+    watch = Watch(h)
+    responses = burst(h, 6, "/?sleep=0.1")  # 5 waiting x 0.1 s over 1 child < a 1 s start
+    h.until(watch(lambda: answered(responses)), within=60)
+    assert {response.status for response in responses} == {200}
+    assert watch.most_alive == 1 and h.pool.children.scaled["started"] == 0
+
+
+def test_a_faster_start_learned_lets_a_smaller_backlog_grow_the_pool(harness):
+    h = adaptive(harness, start=0.2)
+    assert round(h.pool.children.start_seconds, 3) == 0.2
+    responses = burst(h, 6, "/?sleep=0.1")  # 0.5 s of backlog over 1 child > 0.2 s
+    h.until(lambda: answered(responses), within=60)
+    assert h.pool.children.scaled["started"] >= 1
+
+
+def test_the_learned_start_time_is_an_average_of_the_starts(harness):
+    h = adaptive(harness, start=1.0)
+    h.processes.on_spawn = lambda program: setattr(program, "probe", Answer(200, b"p\n", 3.0))
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=120)
+    learned = h.pool.children.start_seconds
+    assert learned is not None and 1.0 < learned < 3.0
+
+
+def test_children_held_back_by_a_respawn_backoff_count_as_starting(harness):
+    h = adaptive(harness, max_starting=2, max_failure_pressure=1000)
+    h.processes.spawn_error = OSError(2, "No such file or directory")
+    responses = burst(h, 40, "/?sleep=2")
+    h.run(10)
+    children = h.pool.children
+    assert children.workers <= 1 + 2, "not one more each tick while none can be spawned"
+    h.processes.spawn_error = None
+    h.until(lambda: answered(responses), within=120)
+    assert {response.status for response in responses} == {200}
+
+
+def test_the_memory_bound_stops_growth(harness):
+    h = adaptive(harness, max_memory="350MiB", max_starting=4)
+    watch = Watch(h)
+    responses = burst(h, 60, "/?sleep=2")
+    # 100 MiB a child: 3 sampled + 1 more = 400 MiB > 350 MiB, so the third is the last.
+    h.until(watch(lambda: len(h.pool.dispatcher.idle) + h.pool.children.ready() >= 3), 30)
+    h.run(3)
+    assert watch.most_alive == 3 and len(living(h)) == 3
+    assert h.pool.dispatcher.waiting > 0, "work still waits: only the budget holds growth"
+    for program in h.programs():
+        program.rss = 50 * MiB  # smaller children: sampled at the next rss_interval
+    h.until(watch(lambda: len(living(h)) == 4), within=h.pool.config.child.rss_interval + 1)
+    h.until(lambda: answered(responses), within=120)
+    assert watch.most_alive == 4
+
+
+# ---------------------------------------------------------------- retiring
+
+
+def test_idle_children_are_retired_after_idle_timeout_down_to_min_workers(harness):
+    h = adaptive(harness, idle_timeout=10.0)
+    watch = Watch(h)
+    responses = burst(h, 40)
+    h.until(watch(lambda: answered(responses)), within=60)
+    assert len(living(h)) == 4
+    warm = h.get("/?n=warm")  # taken by the top of the idle stack: the warmest child
+    assert warm.status == 200
+    (warmest,) = [
+        p for p in h.programs() if p.served and p.served[-1][b"REQUEST_URI"].endswith(b"warm")
+    ]
+    h.run(9.5)  # nobody idle for 10 s yet (the warm child the least)
+    assert len(living(h)) == 4
+    h.until(watch(lambda: len(living(h)) == 1), within=10)
+    assert h.programs() == [warmest], "the coldest go first, the warmest stays"
+    h.run(100)
+    assert len(living(h)) == 1 and h.pool.children.workers == 1, "never below min_workers"
+    retired = [p for p in h.processes.started if not p.alive]
+    assert len(retired) == 3 and all(p.signals == [signal.SIGTERM] for p in retired)
+    assert watch.retired_busy == []
+    assert h.pool.children.scaled == {"started": 3, "retired": 3}
+    assert h.pool.children.failure_pressure() == 0 and h.pool.accounting.restarts == {}
+    last = h.pool.children.last_scaling
+    assert last is not None and last["action"] == "retired" and last["idle_seconds"] >= 10
+
+
+def test_one_child_is_retired_per_tick_and_a_busy_child_never(harness):
+    h = adaptive(harness, idle_timeout=5.0)
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    assert len(living(h)) == 4
+    running = h.connect().request("/?sleep=60")
+    (busy,) = h.busy()
+    moments: list[float] = []
+    before = len(living(h))
+
+    def count() -> bool:
+        nonlocal before
+        now = len([c for c in living(h) if c.state is not State.STOPPING])
+        if now < before:
+            moments.append(h.now())
+            before = now
+        return False
+
+    h.loop.run_until_true(count, 30)
+    assert h.programs() == [busy] and busy.busy, "the idle ones went, the busy one serves on"
+    assert len(moments) == 3 and len(set(moments)) == 3, "one retirement a tick"
+    h.until(lambda: running.end is not None, within=60)
+    assert running.status == 200 and busy.alive
+
+
+def test_retire_idle_refuses_a_busy_child_and_never_goes_below_the_minimum(harness):
+    h = adaptive(harness, workers=2, min_workers=1)
+    running = h.connect().request("/?sleep=5")
+    (busy,) = h.busy()
+    children = h.pool.children
+    children.retire_idle(busy.child, "idle_timeout", {})
+    assert busy.alive and not busy.child.retiring and children.workers == 2
+    (idle,) = [p for p in h.programs() if p is not busy]
+    children.retire_idle(idle.child, "idle_timeout", {})
+    h.settle()
+    assert not idle.alive and children.workers == 1
+    children.retire_idle(busy.child, "idle_timeout", {})
+    h.until(lambda: running.end is not None)
+    assert running.status == 200 and busy.alive and children.workers == 1
+
+
+def test_no_request_is_lost_while_children_come_and_go(harness):
+    h = adaptive(harness, idle_timeout=2.0)
+    watch = Watch(h)
+    sent = []
+    for wave in range(4):
+        sent += burst(h, 30, f"/?sleep=0.5&wave={wave}")
+        h.until(watch(lambda sent=sent: answered(sent)), within=60)
+        h.until(watch(lambda: len(living(h)) == 1), within=30)  # back to the minimum
+        sent += [h.connect().request(f"/?wave={wave}&gap={n}") for n in range(3)]
+    h.until(watch(lambda: answered(sent)), within=60)
+    assert [response.status for response in sent] == [200] * len(sent)
+    assert all(response.ends == 1 for response in sent)
+    served = sum(len(program.served) for program in h.processes.started)
+    assert served == len(sent), "each request served once, none lost, none twice"
+    assert watch.most_alive == 4 and watch.retired_busy == []
+    assert h.pool.children.scaled["started"] >= 12 and h.pool.accounting.restarts == {}
+
+
+# ---------------------------------------------------------------- scale, TTIN, reload
+
+
+def test_scale_pins_the_number_and_turns_adaptive_scaling_off(harness):
+    h = adaptive(harness)
+    assert h.pool.scale(2) == ""
+    h.until(lambda: h.pool.children.ready() == 2)
+    assert (h.pool.children.minimum, h.pool.children.maximum) == (2, 2)
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    assert len(living(h)) == 2 and h.pool.children.scaled["started"] == 0
+    h.run(60)
+    assert len(living(h)) == 2, "a pinned pool does not shrink when idle"
+
+
+def test_ttin_pins_one_more_than_the_current_target(harness):
+    h = adaptive(harness)
+    responses = burst(h, 40)
+    h.until(lambda: len(living(h)) == 4, within=30)
+    h.until(lambda: answered(responses), within=60)
+    h.pool.handle_ttou()
+    assert (h.pool.children.minimum, h.pool.children.workers, h.pool.children.maximum) == (3, 3, 3)
+    h.until(lambda: len(living(h)) == 3)
+    h.run(60)
+    assert len(living(h)) == 3
+
+
+def test_reload_keeps_the_current_number_within_the_new_range(harness, tmp_path):
+    path = tmp_path / "pool.toml"
+    path.write_text("[pool]\nmin_workers = 1\nmax_workers = 4\nworkers = 1\nidle_timeout = 10\n")
+    h = adaptive(harness, config_path=str(path))
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    assert h.pool.children.workers == 4
+    path.write_text("[pool]\nmin_workers = 1\nmax_workers = 3\nworkers = 1\nidle_timeout = 10\n")
+    assert h.pool.reload() == ""
+    h.until(lambda: h.pool.lifecycle is Lifecycle.RUNNING, within=60)
+    assert h.pool.children.workers == 3 and len(living(h)) == 3, "brought into the new range"
+    assert (h.pool.children.minimum, h.pool.children.maximum) == (1, 3)
+    h.until(lambda: len(living(h)) == 1, within=60)  # the new children retire when idle too
+    path.write_text("[pool]\nmin_workers = 2\nmax_workers = 3\nworkers = 2\nidle_timeout = 10\n")
+    assert h.pool.reload() == ""
+    h.until(lambda: h.pool.lifecycle is Lifecycle.RUNNING and h.pool.children.ready() == 2, 60)
+    assert h.pool.children.workers == 2
+
+
+def test_a_pin_survives_a_reload_that_leaves_the_numbers_and_ends_with_one_that_changes_them(
+    harness, tmp_path
+):
+    path = tmp_path / "pool.toml"
+    path.write_text("[pool]\nmin_workers = 1\nmax_workers = 4\nworkers = 1\n")
+    h = adaptive(harness, config_path=str(path))
+    assert h.pool.scale(3) == ""
+    path.write_text(
+        "[pool]\nmin_workers = 1\nmax_workers = 4\nworkers = 1\n[limits]\nmax_waiting = 9\n"
+    )
+    assert h.pool.reload() == ""
+    h.until(lambda: h.pool.lifecycle is Lifecycle.RUNNING, within=60)
+    assert (h.pool.children.minimum, h.pool.children.workers, h.pool.children.maximum) == (3, 3, 3)
+    path.write_text("[pool]\nmin_workers = 1\nmax_workers = 6\nworkers = 1\nidle_timeout = 5\n")
+    assert h.pool.reload() == ""
+    h.until(lambda: h.pool.lifecycle is Lifecycle.RUNNING, within=60)
+    assert (h.pool.children.minimum, h.pool.children.workers, h.pool.children.maximum) == (1, 3, 6)
+    h.until(lambda: len(living(h)) == 1, within=60, what="adaptive again: idle ones retire")
+
+
+# ---------------------------------------------------------------- pressure, readiness, views
+
+
+def test_retiring_idle_children_does_not_raise_the_failure_pressure(harness):
+    h = adaptive(harness, idle_timeout=5.0)
+    responses = burst(h, 40)
+    h.until(lambda: len(living(h)) == 4, within=30)
+    h.until(lambda: answered(responses), within=60)
+    h.programs()[0].exit(signal.SIGSEGV)  # one failure among 4 children
+    h.settle()
+    h.until(lambda: h.pool.children.ready() == 4, within=10)
+    assert h.pool.children.failure_pressure() == 0.25
+    h.until(lambda: len(living(h)) == 1, within=60)
+    assert h.pool.children.failure_pressure() == 0.25, "not 1 failure over 1 child"
+
+
+def test_readyz_counts_against_the_minimum_while_the_pool_grows(harness):
+    h = adaptive(harness, max_starting=3)
+    h.pool.config.admin.min_ready = 3
+    responses = burst(h, 40)
+    h.until(lambda: h.pool.children.workers == 4, within=30)
+    assert h.pool.children.ready() < 4
+    assert h.pool.readiness()[0], "a growing pool stays ready"
+    h.until(lambda: answered(responses), within=60)
+
+
+def test_status_and_metrics_show_the_range_and_the_decisions(harness):
+    h = adaptive(harness, idle_timeout=5.0)
+    pool = h.pool.status()["pool"]
+    assert (pool["min_workers"], pool["max_workers"], pool["workers"]) == (1, 4, 1)
+    assert pool["scaling"] == {"last": None, "started": 0, "retired": 0, "start_seconds": START}
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    h.until(lambda: len(living(h)) == 3, within=60)
+    scaling = h.pool.status()["pool"]["scaling"]
+    assert scaling["started"] == 3 and scaling["retired"] == 1
+    last = scaling["last"]
+    assert last["action"] == "retired" and last["reason"] == "idle_timeout"
+    assert 0 < last["at"] <= h.pool.uptime() and last["workers"] == 3
+    text = h.pool.metrics().decode()
+    assert 'fcgipool_scaled_total{action="started"} 3.0' in text
+    assert 'fcgipool_scaled_total{action="retired"} 1.0' in text
+    assert re.search(r"^fcgipool_min_workers 1\.0$", text, re.M)
+    assert re.search(r"^fcgipool_max_workers 4\.0$", text, re.M)
+
+
+def test_a_fixed_pool_never_scales(harness):
+    h = harness({"pool": {"workers": 2, "idle_timeout": 1.0}})
+    responses = burst(h, 60)
+    h.until(lambda: answered(responses), within=120)
+    h.run(30)
+    assert len(living(h)) == 2 and h.pool.children.scaled == {"started": 0, "retired": 0}
+
+
+def test_each_decision_logs_its_numbers_and_the_status_text_shows_the_range(harness, tmp_path):
+    from fcgipool import logs
+    from fcgipool.cli import format_status
+
+    h = adaptive(harness, idle_timeout=5.0)
+    path = tmp_path / "pool.log"
+    logs.configure("console", "debug", str(path))
+    try:
+        responses = burst(h, 40)
+        h.until(lambda: answered(responses), within=60)
+        assert "children 4 of 1..4 (4 idle)" in format_status(h.pool.status())
+        h.until(lambda: len(living(h)) == 3, within=60)
+    finally:
+        logs.configure("console", "info", "")
+    err = path.read_text()
+    up = [line for line in err.splitlines() if "scale_up" in line]
+    down = [line for line in err.splitlines() if "scale_down" in line]
+    assert len(up) == 3 and len(down) == 1
+    for field in ("backlog=", "serving=", "predicted_wait=", "start_seconds=", "workers="):
+        assert field in up[0]
+    assert "idle_seconds=" in down[0] and "workers=3" in down[0]
+    assert err.count("reason=predicted_wait") >= 3 and "reason=idle_timeout" in err
+    text = format_status(h.pool.status())
+    assert "last scaling: retired (idle_timeout) at" in text.splitlines()[0]
+    assert "children 3 of 1..4 (3 idle)" in text
+    fixed = harness({"pool": {"workers": 2}})
+    assert "children 2 (2 idle)" in format_status(fixed.pool.status())
