@@ -344,6 +344,14 @@ class Dispatcher:
             return 0
         return max(0, min(len(self.members) - 1, math.ceil(demand)))
 
+    def kept_free(self) -> int:
+        """Idle children that waiting requests may not take: what the classes' reserved
+        children and the reservation for short requests still owe."""
+        owed = sum(max(0, q.reserved - q.running) for q in self.by_priority)
+        if self.protect:
+            owed += max(0, self.reserve() - self.short_running)
+        return owed
+
     def short_demand(self) -> float:
         """The children short requests have used lately (Little's law: arrivals per second
         times seconds each), over the last whole SHORT_WINDOW and the current one."""

@@ -13,7 +13,8 @@ child takes to become ready (learned: spawn to ready, probe and warm-up included
 and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` children are
 starting (those a respawn backoff holds back count as starting), no idle child could take
 the waiting work (an idle child with work waiting is held back by a class or client limit,
-which one more child does not lift, unless a class keeps it reserved), and
+which one more child does not lift, unless it is kept free: a class's ``reserved``, or
+the children kept for short requests), and
 ``pool.max_memory`` leaves room for one more child as large as the largest.
 
 Down: the child idle longest (the bottom of the dispatcher's idle stack: the one used last
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from .child import Child
     from .children import Children
     from .config import Config
-    from .dispatch import ClassQueue
 
 log = logs.get("fcgipool.dispatch")
 
@@ -49,8 +49,8 @@ class Waiting(Protocol):
     def waiting(self) -> int: ...
     @property
     def idle(self) -> list[Child]: ...
-    @property
-    def by_priority(self) -> list[ClassQueue]: ...
+    def kept_free(self) -> int:
+        """Idle children kept for requests that are not waiting (reservations)."""
     def backlog(self) -> float:
         """Predicted seconds of work of every waiting request."""
 
@@ -95,8 +95,7 @@ class Autoscaler:
         starting = children.starting() + children.missing()  # a backoff holds some back
         if starting >= self.max_starting:
             return
-        owed = sum(max(0, q.reserved - q.running) for q in dispatcher.by_priority)
-        if len(dispatcher.idle) > owed:
+        if len(dispatcher.idle) > dispatcher.kept_free():
             return  # an idle child could start the work: limits hold it, not capacity
         serving = children.serving()
         backlog = dispatcher.backlog()

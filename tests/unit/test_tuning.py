@@ -269,3 +269,19 @@ def test_request_bytes_of_waiting_requests_are_bounded_and_accounted(harness):
     bodies = [p for p in h.programs()[0].served if p.get(b"REQUEST_METHOD") == b"POST"]
     assert len(bodies) == 3
     assert ctx.buffered == 0
+
+
+def test_long_requests_held_back_for_short_ones_grow_an_adaptive_pool(harness):
+    """The child kept free for short requests is idle, yet long ones wait: that is a lack
+    of capacity, and an adaptive pool starts children for it."""
+    h = harness({"pool": {"workers": 2, "min_workers": 2, "max_workers": 4}})
+    for uri in (TILE, PRINT):
+        h.get(uri)
+    for _ in range(30):
+        h.connect().request(TILE)
+        h.run(0.05)
+    prints = burst(h, PRINT, 8)
+    h.until(lambda: h.pool.children.workers == 4, within=10, what="the pool grown")
+    assert h.pool.dispatcher.reserve() == 1
+    h.until(lambda: answered(prints), within=60)
+    assert all(r.status == 200 for r in prints)
