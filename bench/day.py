@@ -33,11 +33,6 @@ not a fast answer), ``served`` (2xx answers), ``refused`` (503), ``errors`` (oth
 ``mem_gib_s``, ``children``, ``served``, ``refused``, ``errors``, ``abandoned``.
 Goal: ``fcgipool adaptive`` uses >= 50 % less memory-seconds than ``fcgipool fixed 4`` over
 the day, at <= 1.2x its p99 in every phase.
-
-Until the adaptive pool lands (issue 12, another branch), ``min_workers``, ``max_workers``
-and ``idle_timeout`` do not validate: the scenario then runs ``FIXED`` in ADAPTIVE's place,
-under the peer name ``fcgipool adaptive (stand-in: fixed 4)``, so that its rows cannot be
-mistaken for the adaptive pool's.
 """
 
 from __future__ import annotations
@@ -58,7 +53,6 @@ WORKERS, SEED, REST = 4, 13, 10.0
 ADAPTIVE = {"pool": {"workers": 1, "min_workers": 1, "max_workers": 4, "idle_timeout": 10}}
 FIXED = {"pool": {"workers": WORKERS}}
 ADAPTIVE_PEER, FIXED_PEER, SPAWN_PEER = "fcgipool adaptive", "fcgipool fixed 4", common.PEERS[1]
-STAND_IN = f"{ADAPTIVE_PEER} (stand-in: fixed 4)"
 TRICKLE, STEADY = 0.5, 20.0  # tiles a second
 
 
@@ -72,18 +66,6 @@ def phases(ctx: Context) -> list[common.Phase]:
     ]
 
 
-def adaptive_validates() -> bool:
-    """Whether this fcgipool knows ADAPTIVE's keys (the adaptive pool has landed)."""
-    from fcgipool import config
-
-    try:
-        config.build(None, {"pool": {"bind": ["unix:/nonexistent/x.sock"], **ADAPTIVE["pool"]},
-                            "child": {"command": ["/bin/true"]}}, {})  # fmt: skip
-    except config.ConfigError:
-        return False
-    return True
-
-
 def estimate(ctx: Context) -> float:
     peers = sum(ctx.wants(p) for p in (ADAPTIVE_PEER, FIXED_PEER, SPAWN_PEER))
     day = sum(phase.seconds for phase in phases(ctx)) + (2 if ctx.quick else REST) + 3
@@ -92,12 +74,11 @@ def estimate(ctx: Context) -> float:
 
 def setups(ctx: Context, env: dict[str, str]) -> list[tuple[str, common.Setup]]:
     named: list[tuple[str, common.Setup]] = []
-    adaptive, name = (ADAPTIVE, ADAPTIVE_PEER) if adaptive_validates() else (FIXED, STAND_IN)
-    if name == STAND_IN:
-        log(f"{NAME}: min_workers/max_workers/idle_timeout do not validate here: "
-            f"running {FIXED} as '{STAND_IN}'")  # fmt: skip
-    for peer, settings, directory in ((name, adaptive, "adaptive"), (FIXED_PEER, FIXED, "fixed")):
-        if ctx.wants(peer.split(" (")[0]):
+    for peer, settings, directory in (
+        (ADAPTIVE_PEER, ADAPTIVE, "adaptive"),
+        (FIXED_PEER, FIXED, "fixed"),
+    ):
+        if ctx.wants(peer):
             root = ctx.root / directory
             (setup,) = common.make_setups(root, WORKERS, [common.QGIS], env, peers=["fcgipool"],
                                           fcgipool_settings=settings)  # fmt: skip
