@@ -168,8 +168,10 @@ class Dispatcher:
         self.popularity: Counter[str] = Counter()
         self.long_running = 0
         self.short_running = 0
-        # Predicted seconds of the short requests started in this window and the last one.
+        # Predicted seconds of the short requests started, and of every request admitted,
+        # in this window and the last one.
         self.short_work = self.short_work_before = 0.0
+        self.arriving = self.arriving_before = 0.0
         self.window_ends = 0.0
         self.refused = 0  # refused on predicted wait
         self.configure(config, rules)
@@ -242,6 +244,9 @@ class Dispatcher:
             else:
                 request.lane = 0
             request.long = cost >= self.long_request
+            if request.created >= self.window_ends:
+                self._roll(self.clock())
+            self.arriving += cost
         if self.idle and (
             (self.unlimited and not (request.long and self.protect))
             or self._may_start(queue, request)
@@ -355,16 +360,31 @@ class Dispatcher:
     def short_demand(self) -> float:
         """The children short requests have used lately (Little's law: arrivals per second
         times seconds each), over the last whole SHORT_WINDOW and the current one."""
+        seconds = self._window()
+        return (self.short_work_before + self.short_work) / seconds
+
+    def demand(self) -> float:
+        """The children the requests arriving lately need: the predicted seconds of work
+        admitted per second, over the last whole SHORT_WINDOW and the current one, or over
+        the current one alone once it is a second old, when that is more (a load that
+        begins after a quiet window shows at once)."""
+        seconds = self._window()
+        current = seconds - SHORT_WINDOW
+        recent = self.arriving / current if current >= 1.0 else 0.0
+        return max(recent, (self.arriving_before + self.arriving) / seconds)
+
+    def _window(self) -> float:
+        """Bring the windows up to date; the seconds the two of them cover."""
         now = self.clock()
         self._roll(now)
-        elapsed = SHORT_WINDOW - (self.window_ends - now)
-        return (self.short_work_before + self.short_work) / (SHORT_WINDOW + elapsed)
+        return 2 * SHORT_WINDOW - (self.window_ends - now)
 
     def _roll(self, now: float) -> None:
         if now >= self.window_ends:
             whole = now >= self.window_ends + SHORT_WINDOW  # a window went by with none
             self.short_work_before = 0.0 if whole else self.short_work
-            self.short_work = 0.0
+            self.arriving_before = 0.0 if whole else self.arriving
+            self.short_work = self.arriving = 0.0
             self.window_ends = now + SHORT_WINDOW
 
     # ------------------------------------------------------------------ internals

@@ -5,10 +5,16 @@ the decisions out (:meth:`Children.grow`, :meth:`Children.retire_idle`). It is a
 tick of the supervisor (0.1 s), so a decision reads only what is in memory: the children's
 states, their last RSS samples, the dispatcher's waiting work. O(children), no I/O.
 
-Up: work waits, and spread over the children that serve it would wait longer than a new
-child takes to become ready (learned: spawn to ready, probe and warm-up included)::
+Up: work waits, and a new child would still find work waiting once it is ready (its start
+time is learned: spawn to ready, probe and warm-up included). Either the waiting work,
+spread over the children that serve it, would wait longer than a start::
 
     dispatcher.backlog() / max(1, serving) > children.start_seconds
+
+or the work arriving (``dispatcher.demand()``, in children: predicted seconds admitted per
+second) outpaces the serving children so that some is still waiting after a start::
+
+    backlog + (demand - serving) * start_seconds > 0
 
 and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` children are
 starting (those a respawn backoff holds back count as starting), no idle child could take
@@ -53,6 +59,8 @@ class Waiting(Protocol):
         """Idle children kept for requests that are not waiting (reservations)."""
     def backlog(self) -> float:
         """Predicted seconds of work of every waiting request."""
+    def demand(self) -> float:
+        """Children the arriving work needs (predicted seconds admitted per second)."""
 
 
 class Autoscaler:
@@ -101,7 +109,11 @@ class Autoscaler:
         backlog = dispatcher.backlog()
         predicted_wait = backlog / max(1, serving)
         start_seconds = self.start_seconds()
-        if predicted_wait <= start_seconds:
+        demand = dispatcher.demand()
+        # The work still waiting when a new child would be ready: what waits now, plus
+        # what arrives meanwhile, less what the serving children do meanwhile.
+        left = backlog + (demand - serving) * start_seconds
+        if predicted_wait <= start_seconds and left <= 0:
             return
         if self.max_memory and not self._memory_allows(starting):
             return
@@ -110,6 +122,8 @@ class Autoscaler:
             "serving": serving,
             "predicted_wait": round(predicted_wait, 3),
             "start_seconds": round(start_seconds, 3),
+            "demand": round(demand, 3),
+            "left_at_ready": round(left, 3),
         }
         log.debug("scale_up", **numbers, workers=children.workers + 1)
         children.grow("predicted_wait", numbers)

@@ -373,3 +373,22 @@ def test_each_decision_logs_its_numbers_and_the_status_text_shows_the_range(harn
     assert "children 3 of 1..4 (3 idle)" in text
     fixed = harness({"pool": {"workers": 2}})
     assert "children 2 (2 idle)" in format_status(fixed.pool.status())
+
+
+def test_a_load_above_what_the_children_serve_grows_the_pool_before_the_backlog_does(harness):
+    """1.5 children's worth of work arriving on 1 child whose start takes 3 s: the queue
+    would reach a start's worth only after 6 s, yet the work still waiting when a new child
+    is ready says start one now."""
+    h = adaptive(harness, start=3.0)
+    h.get("/?sleep=0.1")  # learn the cost
+    began = h.now()
+    responses = []
+    while h.pool.children.scaled["started"] == 0 and h.now() - began < 6:
+        responses.append(h.connect().request("/?sleep=0.1"))
+        h.run(1 / 15)
+    assert h.pool.children.scaled["started"] >= 1
+    assert h.now() - began < 3, "grown within a start, not once the backlog was 3 s"
+    last = h.pool.status()["pool"]["scaling"]["last"]
+    assert last["demand"] > 1.2 and last["left_at_ready"] > 0
+    h.until(lambda: answered(responses), within=60)
+    assert {r.status for r in responses} == {200}
