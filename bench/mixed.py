@@ -107,26 +107,48 @@ def run(ctx: Context) -> list[Row]:
             alternate = itertools.cycle(paths.items()).__next__
             common.run_load(setup.port, 1 if ctx.quick else 4, 2 * WORKERS, alternate,
                             timeout=120, drain=drain)  # fmt: skip
-        for repeat, (peer, setup) in interleaved(named, ctx.repeats):
-            cpu = common.ForeignCpu([s for _, s in named])
-            result = common.run_load(setup.port, ctx.duration(SECONDS), CLIENTS,
-                                     chooser(SEED + repeat), timeout=120, warmup=ramp,
-                                     drain=drain)  # fmt: skip
-            busy, foreign = cpu.stop()
-            for kind in ("light", "heavy"):
-                metrics = {
-                    "p50_ms": result.percentile_ms(50, kind),
-                    "p99_ms": result.percentile_ms(99, kind),
-                    "goodput": result.goodput(kind),
-                    "errors": result.errors(kind),
-                }
-                if kind == "heavy":
-                    metrics["abandoned"] = result.abandoned
-                rows += metric_rows(NAME, kind, peer, repeat, metrics)
-            log(f"{NAME} {repeat + 1}/{ctx.repeats} {peer:<22} light "
-                f"{result.goodput('light'):6.1f}/s p50 {result.percentile_ms(50, 'light'):7.1f} "
-                f"p99 {result.percentile_ms(99, 'light'):7.1f} ms | heavy "
-                f"{result.goodput('heavy'):5.2f}/s p50 {result.percentile_ms(50, 'heavy'):6.0f} ms"
-                f" | errors {result.errors()} {result.statuses()} abandoned {result.abandoned} | "
-                f"CPU busy {busy:.2f} cores, not ours {foreign:.2f}")  # fmt: skip
+        rows += measure_two_kinds(ctx, named, NAME, ("light", "heavy"), chooser, SEED,
+                                  ramp, drain)  # fmt: skip
+    return rows
+
+
+def measure_two_kinds(
+    ctx: Context,
+    named: list[tuple[str, common.Setup]],
+    name: str,
+    kinds: tuple[str, str],
+    choose: Callable[[int], Callable[[], tuple[str, str]]],
+    seed: int,
+    ramp: float,
+    drain: float,
+    clients: int = CLIENTS,
+    seconds: float = SECONDS,
+) -> list[Row]:
+    """The interleaved closed-loop runs of a two-kind mix (``clients`` clients, ``seconds``
+    counted): p50, p99, goodput and errors per kind, abandoned on the second kind."""
+    rows: list[Row] = []
+    first, second = kinds
+    for repeat, (peer, setup) in interleaved(named, ctx.repeats):
+        cpu = common.ForeignCpu([s for _, s in named])
+        result = common.run_load(setup.port, ctx.duration(seconds), clients,
+                                 choose(seed + repeat), timeout=120, warmup=ramp,
+                                 drain=drain)  # fmt: skip
+        busy, foreign = cpu.stop()
+        for kind in kinds:
+            metrics = {
+                "p50_ms": result.percentile_ms(50, kind),
+                "p99_ms": result.percentile_ms(99, kind),
+                "goodput": result.goodput(kind),
+                "errors": result.errors(kind),
+            }
+            if kind == second:
+                metrics["abandoned"] = result.abandoned
+            rows += metric_rows(name, kind, peer, repeat, metrics)
+        log(f"{name} {repeat + 1}/{ctx.repeats} {peer:<22} {first} "
+            f"{result.goodput(first):6.1f}/s p50 {result.percentile_ms(50, first):7.1f} "
+            f"p99 {result.percentile_ms(99, first):7.1f} ms | {second} "
+            f"{result.goodput(second):5.2f}/s p50 {result.percentile_ms(50, second):6.0f} p99 "
+            f"{result.percentile_ms(99, second):6.0f} ms | errors {result.errors()} "
+            f"{result.statuses()} abandoned {result.abandoned} | CPU busy {busy:.2f} "
+            f"cores, not ours {foreign:.2f}")  # fmt: skip
     return rows

@@ -36,7 +36,8 @@ from collections.abc import Callable
 
 import common
 from core import DEMO, demo_bbox
-from results import Context, Row, interleaved, log, metric_rows, peer_setups, running
+from mixed import measure_two_kinds
+from results import Context, Row, peer_setups, running
 from viewer import a_tile
 
 KEY = "k"
@@ -91,27 +92,6 @@ def run(ctx: Context) -> list[Row]:
             both = itertools.cycle([("map", map_path()), ("tile", a_tile(warm_rng))]).__next__
             common.run_load(setup.port, 1 if ctx.quick else 3, 2 * WORKERS, both, timeout=120,
                             drain=drain)  # fmt: skip
-        for repeat, (peer, setup) in interleaved(named, ctx.repeats):
-            cpu = common.ForeignCpu([s for _, s in named])
-            result = common.run_load(setup.port, ctx.duration(SECONDS), CLIENTS,
-                                     chooser(SEED + repeat), timeout=120, warmup=ramp,
-                                     drain=drain)  # fmt: skip
-            busy, foreign = cpu.stop()
-            for kind in ("tile", "map"):
-                metrics = {
-                    "p50_ms": result.percentile_ms(50, kind),
-                    "p99_ms": result.percentile_ms(99, kind),
-                    "goodput": result.goodput(kind),
-                    "errors": result.errors(kind),
-                }
-                if kind == "map":
-                    metrics["abandoned"] = result.abandoned
-                rows += metric_rows(NAME, kind, peer, repeat, metrics)
-            log(f"{NAME} {repeat + 1}/{ctx.repeats} {peer:<22} tile "
-                f"{result.goodput('tile'):6.1f}/s p50 {result.percentile_ms(50, 'tile'):7.1f} "
-                f"p99 {result.percentile_ms(99, 'tile'):7.1f} ms | map "
-                f"{result.goodput('map'):5.2f}/s p50 {result.percentile_ms(50, 'map'):6.0f} p99 "
-                f"{result.percentile_ms(99, 'map'):6.0f} ms | errors {result.errors()} "
-                f"{result.statuses()} abandoned {result.abandoned} | CPU busy {busy:.2f} "
-                f"cores, not ours {foreign:.2f}")  # fmt: skip
+        rows += measure_two_kinds(ctx, named, NAME, ("tile", "map"), chooser, SEED,
+                                  ramp, drain, CLIENTS, SECONDS)  # fmt: skip
     return rows
