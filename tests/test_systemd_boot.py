@@ -348,9 +348,11 @@ class Pool:
     def children(self) -> dict[int, str]:
         return {row["pid"]: row["state"] for row in self.status()["children"]}
 
-    def journal(self) -> str:
-        return self.box.run("journalctl", "--no-pager", "-o", "short-precise",
-                            f"--unit={self.service}", f"--unit={self.socket_unit}").stdout[-6000:]
+    def journal(self, tail: int | None = 6000) -> str:
+        """The units' journal: its last ``tail`` characters (for messages), or all of it."""
+        text = self.box.run("journalctl", "--no-pager", "-o", "short-precise",
+                            f"--unit={self.service}", f"--unit={self.socket_unit}").stdout
+        return text[-tail:] if tail else text
 
     def start(self) -> None:
         """systemctl start: returns once the pool sent READY=1."""
@@ -401,7 +403,7 @@ def test_socket_activation_starts_the_hardened_pool(box, pool_unit):
     response = pool.request("/hello", timeout=60)
     assert response.status == 200 and response.body.startswith(b"hello from "), response
     wait_for(lambda: pool.state() == "active", 30, "the service to be active")
-    assert "sockets_inherited" in pool.journal()
+    assert "sockets_inherited" in pool.journal(tail=None)
     # The unit's hardening is in force, unchanged, in the pool and its children.
     main = int(pool.show("MainPID")["MainPID"])
     children = pool.children()
@@ -495,7 +497,7 @@ def test_systemctl_reload_replaces_the_children_without_failing_a_request(box, p
     # The requests ran across the reload: answered by old children and by new ones.
     assert set(answers) & old and set(answers) & set(new), (old, new, set(answers))
     assert {pool.mark() for _ in range(4)} == {"two"}
-    assert "Reloaded fcgipool@reload.service" in pool.journal()
+    assert "Reloaded fcgipool@reload.service" in pool.journal(tail=None)
 
 
 def test_a_bad_config_makes_reload_fail_and_the_pool_keeps_serving(box, pool_unit):
@@ -544,7 +546,7 @@ def test_sigkill_of_the_pool_restarts_it_and_keeps_the_socket(box, pool_unit):
     # Back by itself (Restart=on-failure), with no connection to trigger the socket.
     after = wait_for(restarted, 60, "the pool to be restarted")
     assert after["NRestarts"] == "1", (after, pool.journal())
-    assert "Scheduled restart job" in pool.journal()
+    assert "Scheduled restart job" in pool.journal(tail=None)
     # The same listening socket, held by systemd throughout; the old children are gone.
     assert pool.socket.stat().st_ino == inode
     assert box.show(pool.socket_unit, "ActiveEnterTimestampMonotonic") == listening_since
