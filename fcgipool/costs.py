@@ -39,13 +39,6 @@ class Cost:
         self.recent: deque[float] | None = deque(maxlen=keep) if keep else None
         self.fallbacks: tuple[Cost, ...] | None = None  # of a kind: learned with it
 
-    def add(self, seconds: float, decay: float) -> None:
-        count = self.count = self.count + 1
-        # The first measurements are averaged plainly, later ones weigh ``decay``.
-        self.mean += (seconds - self.mean) * (1.0 / count if count * decay < 1.0 else decay)
-        if self.recent is not None:
-            self.recent.append(seconds)
-
     def quantile(self, q: float) -> float:
         ordered = sorted(self.recent or ())
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -148,11 +141,10 @@ class CostModel:
                 _fallback(self.by_request, kind[1], 256),
                 _fallback(self.by_class, klass, 1024),
             )
-        decay = self.decay
-        count = cost.count = cost.count + 1  # Cost.add, inline
-        cost.mean += (seconds - cost.mean) * (1.0 / count if count * decay < 1.0 else decay)
         cost.recent.append(seconds)  # type: ignore[union-attr]  # a kind keeps them
-        for each in fallbacks:
+        decay = self.decay
+        for each in (cost, *fallbacks):
+            # The first measurements are averaged plainly, later ones weigh ``decay``.
             count = each.count = each.count + 1
             each.mean += (seconds - each.mean) * (1.0 / count if count * decay < 1.0 else decay)
 

@@ -352,10 +352,18 @@ class Dispatcher:
     def kept_free(self) -> int:
         """Idle children that waiting requests may not take: what the classes' reserved
         children and the reservation for short requests still owe."""
-        owed = sum(max(0, q.reserved - q.running) for q in self.by_priority)
-        if self.protect:
-            owed += max(0, self.reserve() - self.short_running)
+        return self._owed(None) + (self._kept_for_short() if self.protect else 0)
+
+    def _owed(self, queue: ClassQueue | None) -> int:
+        """What the reserved children of the classes other than ``queue`` still owe."""
+        owed = 0
+        for other in self.by_priority:
+            if other is not queue and other.reserved > other.running:
+                owed += other.reserved - other.running
         return owed
+
+    def _kept_for_short(self) -> int:
+        return max(0, self.reserve() - self.short_running)
 
     def short_demand(self) -> float:
         """The children short requests have used lately (Little's law: arrivals per second
@@ -399,18 +407,14 @@ class Dispatcher:
             self.clients[request.params.get(self.client_param, b"")] >= self.max_per_client
         ):
             return False
-        owed = 0
-        for other in self.by_priority:
-            if other is not queue and other.reserved > other.running:
-                owed += other.reserved - other.running
+        owed = self._owed(queue)
         if protect:
-            kept = self.reserve() - self.short_running
-            if kept > 0:
-                owed += kept
-                if len(self.idle) <= owed and self.debug:
-                    log.debug("reserved", uri=request.uri, cost=round(request.cost, 4),
-                              reserve=kept + self.short_running, idle=len(self.idle),
-                              short_running=self.short_running)  # fmt: skip
+            kept = self._kept_for_short()
+            owed += kept
+            if kept and len(self.idle) <= owed and self.debug:
+                log.debug("reserved", uri=request.uri, cost=round(request.cost, 4),
+                          reserve=kept + self.short_running, idle=len(self.idle),
+                          short_running=self.short_running)  # fmt: skip
         return len(self.idle) > owed
 
     def _dispatch(self) -> None:
