@@ -1,10 +1,12 @@
 """Admission: what a request is, and whether it may wait for a child.
 
 Once its PARAMS (and the head of a small POST body) are in, a request gets its class and
-that class's timeout, and its project: a project outside ``projects.allowed_roots`` is
-refused with a 403 and never reaches a child; an alias of ``projects.search_paths`` is
-rewritten to the real file. Whether it then waits or is refused for lack of room is the
-dispatcher's (dispatch.py).
+that class's timeout, and its project. Refused with a 403, never reaching a child: a
+project outside ``projects.allowed_roots``; one the request names (MAP) that is not a
+project file (``projects.file_types``, ``storage_schemes``), or that differs from the one
+the web server set (QGIS_PROJECT_FILE) unless ``projects.allow_map_override``. An alias of
+``projects.search_paths`` is rewritten to the real file. Whether it then waits or is
+refused for lack of room is the dispatcher's (dispatch.py).
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ class Admission:
             rule = classifier.classify(ogc, params)
         request.request_class = rule.name
         request.timeout = self.timeouts[rule.name]
-        project = classifier.project(ogc, params)
+        project, named = classifier.project(ogc, params)
         if project:
-            check = classifier.check(project)
-            if not check.allowed:
+            check = classifier.check(project, named)
+            reason = check.reason
+            if named and not reason and classifier.overrides(ogc, params):
+                reason = "the web server set another project"
+            if reason:
                 request.project = project
-                log.warning("project_refused", project=project, uri=request.uri)
+                log.warning("project_refused", project=project, reason=reason, uri=request.uri)
                 return 403, b"This project is not served here\n"
             if check.path:
                 request.params = classifier.rewrite(params, ogc, check.path)

@@ -94,6 +94,7 @@ def ogc_from_body(body: bytes, content_type: str, wanted: tuple[str, ...]) -> di
 class ProjectCheck:
     allowed: bool
     path: str  # the file the child must be given ("" when unchanged)
+    reason: str = ""  # why it is not allowed, for the log
 
 
 class Classifier:
@@ -108,11 +109,14 @@ class Classifier:
         extra = [name.upper() for name in (*tuning.size_params, *tuning.kind_params)]
         self.wanted = ("SERVICE", "REQUEST", self.parameter, *extra)
         self.roots = [os.path.realpath(root) for root in projects.allowed_roots]
+        self.allow_override = projects.allow_map_override
+        self.file_types = tuple(ending.lower() for ending in projects.file_types)
+        self.schemes = tuple(f"{scheme.lower()}:" for scheme in projects.storage_schemes)
         self.search_paths = sorted(
             ((alias.rstrip("/"), directory) for alias, directory in projects.search_paths.items()),
             key=lambda item: -len(item[0]),
         )
-        self._checked: OrderedDict[str, ProjectCheck] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, bool], ProjectCheck] = OrderedDict()
         self._by_params = any(rule.params for rule in self.rules)
         self._parsed: dict[bytes, tuple[dict[str, str], Rule | None]] = {}
 
@@ -142,29 +146,49 @@ class Classifier:
                 return rule
         return self.by_name[DEFAULT_CLASS.name]
 
-    def project(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> str:
+    def project(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> tuple[str, bool]:
+        """The request's project, and whether the request named it (MAP) rather than the
+        web server (QGIS_PROJECT_FILE)."""
         named = ogc.get(self.parameter)
         if named:
-            return named
-        return params.get(b"QGIS_PROJECT_FILE", b"").decode("utf-8", "replace")
+            return named, True
+        return params.get(b"QGIS_PROJECT_FILE", b"").decode("utf-8", "replace"), False
 
-    def check(self, project: str) -> ProjectCheck:
-        """Is ``project`` allowed, and which file is it? Cached: paths are resolved on the
-        file system (symlinks, ..) once per project, not per request."""
-        cached = self._checked.get(project)
+    def overrides(self, ogc: Mapping[str, str], params: Mapping[bytes, bytes]) -> bool:
+        """Does the request name another project than the one the web server set? QGIS
+        would serve the request's: in shared hosting, one tenant reading another's."""
+        pinned = params.get(b"QGIS_PROJECT_FILE")
+        if not pinned or self.allow_override:
+            return False
+        return pinned.decode("utf-8", "replace") != ogc.get(self.parameter)
+
+    def check(self, project: str, named: bool = False) -> ProjectCheck:
+        """Is ``project`` allowed, and which file is it? A project the request ``named``
+        must also be a project file (projects.file_types) or storage URI. Cached: paths are
+        resolved on the file system (symlinks, ..) once per project, not per request."""
+        key = (project, named)
+        cached = self._checked.get(key)
         if cached is not None:
-            self._checked.move_to_end(project)
+            self._checked.move_to_end(key)
             return cached
         path = self._map(project)
-        allowed = True
-        if self.roots:
-            real = os.path.realpath(path)
-            allowed = any(real == root or real.startswith(root + os.sep) for root in self.roots)
-        result = ProjectCheck(allowed, path if path != project else "")
-        self._checked[project] = result
+        result = ProjectCheck(True, path if path != project else "")
+        lowered = path.lower()
+        if named and not lowered.startswith(self.schemes or ("\0",)):
+            if not lowered.endswith(self.file_types):
+                result = ProjectCheck(False, "", "not a project file")
+            elif self.roots and not self._inside_roots(path):
+                result = ProjectCheck(False, "", "outside the allowed roots")
+        elif not named and self.roots and not self._inside_roots(path):
+            result = ProjectCheck(False, "", "outside the allowed roots")
+        self._checked[key] = result
         if len(self._checked) > _CACHE_SIZE:
             self._checked.popitem(last=False)
         return result
+
+    def _inside_roots(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real == root or real.startswith(root + os.sep) for root in self.roots)
 
     def _map(self, project: str) -> str:
         for alias, directory in self.search_paths:

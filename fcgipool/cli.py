@@ -304,7 +304,9 @@ def format_status(document: dict[str, Any]) -> str:
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
     """Validate a config file: exit 0 when valid, else 2 with `key.path: reason` lines."""
-    _load(path, {}, euid=None)  # who will run it is unknown: the root rule is checked at start
+    cfg = _load(path, {}, euid=None)  # who will run it is unknown: checked again at start
+    for warning in config_module.warnings(cfg):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: ok")
 
 

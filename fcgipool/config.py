@@ -495,6 +495,18 @@ def _check_match_key(text: str) -> str:
     raise ValueError(f"{text!r}: match on SERVICE, REQUEST or param:NAME (a FastCGI param)")
 
 
+def _check_file_type(text: str) -> str:
+    if text.startswith(".") and len(text) > 1 and "/" not in text:
+        return text
+    raise ValueError(f"{text!r}: a file ending such as \".qgs\"")
+
+
+def _check_scheme(text: str) -> str:
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", text):
+        return text
+    raise ValueError(f"{text!r}: a URI scheme such as \"postgresql\", without the colon")
+
+
 class RequestClass(_Section):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Class name.")
     match: dict[
@@ -564,6 +576,23 @@ class ProjectsSection(_Section):
         default_factory=dict,
         description="Aliases: a project named /ALIAS/rest is the file DIRECTORY/rest "
         '(e.g. {"/cadastre" = "/srv/qgis/cadastre"}); the child sees the real path.',
+    )
+    allow_map_override: bool = Field(
+        default=False,
+        description="When the web server names the project (fastcgi_param "
+        "QGIS_PROJECT_FILE), a request naming another with the project parameter (MAP) "
+        "gets 403 from the pool: QGIS would serve the other project. True lets it.",
+    )
+    file_types: list[Annotated[str, AfterValidator(_check_file_type)]] = Field(
+        default=[".qgs", ".qgz"],
+        description="Endings a project named by a request (MAP) must have, case-insensitive; "
+        "anything else (MAP=/etc/passwd) gets 403 from the pool.",
+    )
+    storage_schemes: list[Annotated[str, AfterValidator(_check_scheme)]] = Field(
+        default_factory=list,
+        description="Project storage URIs a request may name besides files, by scheme "
+        '(e.g. ["postgresql"] for MAP=postgresql:?service=...). None by default: such a '
+        "URI makes the child connect where the client says.",
     )
 
 
@@ -784,6 +813,24 @@ def build(
         return Config.model_validate(data)
     except ValidationError as error:
         raise ConfigError([_describe(item) for item in error.errors()]) from None
+
+
+def warnings(cfg: Config) -> list[str]:
+    """What is valid but unsafe: check-config prints it, the pool logs it at start."""
+    found = []
+    if not cfg.projects.allowed_roots:
+        endings = "/".join(cfg.projects.file_types) or "any"
+        found.append(
+            f"projects.allowed_roots: empty, so any client may name any {endings} file the "
+            f"children can read with {cfg.projects.parameter}=... on a route where the web "
+            "server does not set QGIS_PROJECT_FILE; set allowed_roots (docs/deployment.md)"
+        )
+    if cfg.projects.allow_map_override:
+        found.append(
+            "projects.allow_map_override: true, so a client may name another project than the "
+            "one the web server set"
+        )
+    return found
 
 
 def runtime_problems(cfg: Config, euid: int | None) -> list[str]:

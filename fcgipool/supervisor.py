@@ -216,6 +216,8 @@ class Pool:
             raise OSError(f"pool.runtime_dir: cannot create a directory in {base}: {why}") from None
         if self.os_processes is not None:
             self.os_processes.runtime_dir = runtime_dir
+        for warning in config_module.warnings(self.config):
+            log.warning("config_unsafe", problem=warning)
         try:
             await self._listen()
             await self._start_admin()

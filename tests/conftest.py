@@ -223,6 +223,12 @@ class Nginx:
                         fastcgi_keep_conn on;
                         fastcgi_read_timeout 300s;  # above every pool timeout here
                     }}
+                    location = /pinned {{  # a route whose project the web server sets
+                        include /etc/nginx/fastcgi_params;
+                        fastcgi_param QGIS_PROJECT_FILE {DEMO_PROJECT};
+                        fastcgi_pass pool;
+                        fastcgi_keep_conn on;
+                    }}
                 }}
             }}
         """)

@@ -55,6 +55,33 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, text, expected):
     assert served.returncode == 2 and expected in served.stderr
 
 
+def test_check_config_warns_when_any_client_may_name_any_project(tmp_path):
+    open_path = tmp_path / "open.toml"
+    open_path.write_text("[pool]\nworkers = 1\n")
+    closed_path = tmp_path / "closed.toml"
+    closed_path.write_text(f'[projects]\nallowed_roots = ["{tmp_path}"]\n')
+    opened = run_cli("check-config", str(open_path))
+    closed = run_cli("check-config", str(closed_path))
+    assert opened.returncode == closed.returncode == 0
+    assert "warning: projects.allowed_roots: empty, so any client may name any .qgs/.qgz" in (
+        opened.stderr)
+    assert "warning" not in closed.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[projects]\nfile_types = ["qgs"]\n', "projects.file_types.0: 'qgs': a file ending"),
+        ('[projects]\nstorage_schemes = ["postgresql:"]\n', "projects.storage_schemes.0:"),
+    ],
+)
+def test_bad_project_access_settings_exit_2(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2 and expected in result.stderr
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     result = run_cli("check-config", str(tmp_path / "nope.toml"))
     assert result.returncode == 2

@@ -128,12 +128,12 @@ def test_projects_allowed_roots_and_search_paths(tmp_path):
     assert mapped.allowed and mapped.path == str(root / "city" / "a.qgs")
     params = {b"QUERY_STRING": b"SERVICE=WMS&map=/maps/a.qgs&REQUEST=GetMap"}
     ogc = classifier.ogc(params)
-    assert classifier.project(ogc, params) == "/maps/a.qgs"
+    assert classifier.project(ogc, params) == ("/maps/a.qgs", True)
     rewritten = classifier.rewrite(params, ogc, mapped.path)
     assert rewritten[b"QUERY_STRING"] == (
         b"SERVICE=WMS&map=" + str(root / "city" / "a.qgs").encode() + b"&REQUEST=GetMap")
     by_param = {b"QGIS_PROJECT_FILE": b"/maps/a.qgs"}
-    assert classifier.project(classifier.ogc(by_param), by_param) == "/maps/a.qgs"
+    assert classifier.project(classifier.ogc(by_param), by_param) == ("/maps/a.qgs", False)
 
 
 def test_light_goes_before_heavy_when_a_child_frees_up():

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 
-from test_qgis_nginx import capabilities_ok, fetch, ows
+from test_qgis_nginx import capabilities_ok, fetch, layer_names, ows
 
 from conftest import DEMO_PROJECT, pool_status, qgis_config, wait_for
 from fcgipool import client
@@ -137,6 +137,43 @@ def test_project_outside_the_allowed_roots_gets_403_and_no_child_sees_it(
         assert pool.log().count("project_refused") == 3
     finally:
         link.unlink()
+
+
+def test_by_default_map_cannot_override_the_web_servers_project_nor_name_other_files(
+        pool_factory, workdir, nginx_factory, heavy_project):
+    pool = pool_factory(qgis_config(workdir))
+    assert "config_unsafe" in pool.log() and "projects.allowed_roots: empty" in pool.log()
+    nginx = nginx_factory(pool.address)
+    capabilities = {"SERVICE": "WMS", "REQUEST": "GetCapabilities"}
+
+    def get(path: str, **params: str) -> tuple[int, bytes]:
+        status, _, body = fetch(nginx.url(path + "?" + urllib.parse.urlencode(
+            {**params, **capabilities})))
+        return status, body
+
+    status, body = get("/pinned")
+    assert status == 200 and "districts" in layer_names(body)
+    assert get("/pinned", MAP=str(DEMO_PROJECT))[0] == 200
+    served = sum(row["requests"] for row in pool_status(pool)["children"])
+    for path, project in (("/pinned", str(heavy_project)), ("/ows", "/etc/passwd"),
+                          ("/ows", str(DEMO_PROJECT.parent))):
+        status, body = get(path, MAP=project)
+        assert status == 403 and b"not served here" in body, (path, project, body)
+    assert sum(row["requests"] for row in pool_status(pool)["children"]) == served
+    assert pool.log().count("project_refused") == 3
+    status, body = get("/ows", MAP=str(heavy_project))  # a route that sets no project
+    assert status == 200 and "heavy" in layer_names(body)
+
+
+def test_allow_map_override_serves_the_project_the_request_names(
+        pool_factory, workdir, nginx_factory, heavy_project):
+    pool = pool_factory(qgis_config(workdir, projects={"allow_map_override": True}))
+    nginx = nginx_factory(pool.address)
+    query = urllib.parse.urlencode({"MAP": str(heavy_project), "SERVICE": "WMS",
+                                    "REQUEST": "GetCapabilities"})
+    status, _, body = fetch(nginx.url("/pinned?" + query))
+    assert status == 200 and "heavy" in layer_names(body)
+    assert "projects.allow_map_override: true" in pool.log()
 
 
 def test_search_path_alias_is_resolved_for_the_child(pool_factory, workdir):

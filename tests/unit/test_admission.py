@@ -39,6 +39,48 @@ def test_a_project_outside_the_allowed_roots_is_refused_before_any_child(harness
     assert sum(len(p.served) for p in h.programs()) == 1
 
 
+def test_by_default_a_request_may_not_name_another_project_than_the_web_servers(harness, capsys):
+    h = harness()
+    pinned = {"QGIS_PROJECT_FILE": "/srv/a/a.qgs"}
+    other = h.get("/ows?MAP=/srv/b/secret.qgs&REQUEST=GetCapabilities", extra=pinned)
+    same = h.get("/ows?MAP=/srv/a/a.qgs&REQUEST=GetCapabilities", extra=pinned)
+    plain = h.get("/ows?REQUEST=GetCapabilities", extra=pinned)
+    unpinned = h.get("/ows?MAP=/srv/b/secret.qgs&REQUEST=GetCapabilities")
+    assert [other.status, same.status, plain.status, unpinned.status] == [403, 200, 200, 200]
+    assert b"not served here" in other.body
+    assert sum(len(p.served) for p in h.programs()) == 3
+    assert "reason='the web server set another project'" in capsys.readouterr().out
+
+
+def test_allow_map_override_lets_a_request_name_another_project(harness):
+    h = harness({"projects": {"allow_map_override": True}})
+    pinned = {"QGIS_PROJECT_FILE": "/srv/a/a.qgs"}
+    assert h.get("/ows?MAP=/srv/b/b.qgs&REQUEST=GetMap", extra=pinned).status == 200
+
+
+def test_only_project_files_may_be_named_by_default(harness, capsys):
+    h = harness()
+    statuses = [
+        h.get(f"/ows?MAP={name}&REQUEST=GetCapabilities").status
+        for name in ("/etc/passwd", "/srv/a/", "/srv/a/a.QGZ", "/srv/a/a.qgs",
+                     "postgresql:?service=x&project=p")
+    ]
+    assert statuses == [403, 403, 200, 200, 403]
+    assert sum(len(p.served) for p in h.programs()) == 2
+    assert capsys.readouterr().out.count("reason='not a project file'") == 3
+
+
+def test_storage_schemes_let_a_request_name_a_project_in_a_database(harness, tmp_path):
+    h = harness({"projects": {"storage_schemes": ["postgresql"], "allowed_roots": [str(tmp_path)]}})
+    assert h.get("/ows?MAP=postgresql:?service=x%26project=p&REQUEST=GetMap").status == 200
+    assert h.get("/ows?MAP=geopackage:/tmp/x.gpkg?projectName=p&REQUEST=GetMap").status == 403
+
+
+def test_the_web_servers_project_needs_no_file_ending(harness):
+    h = harness()
+    assert h.get("/ows?REQUEST=GetMap", extra={"QGIS_PROJECT_FILE": "/srv/a/project"}).status == 200
+
+
 def test_an_alias_is_rewritten_to_the_real_file(harness, tmp_path):
     h = harness({"projects": {"search_paths": {"/cadastre": str(tmp_path)}}})
     response = h.get("/ows?map=/cadastre/town.qgs&REQUEST=GetMap")
