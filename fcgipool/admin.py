@@ -31,6 +31,8 @@ class Controls(PoolView, Protocol):
         """Re-read the config and replace every child; why not, or an empty string."""
 
     def scale(self, workers: int) -> str: ...
+    def project_rows(self) -> list[dict[str, Any]]: ...
+    def project_command(self, action: str, named: str, count: int = 0) -> tuple[str, int]: ...
     def stop(self, fast: bool) -> None: ...
     def metrics(self) -> bytes: ...
 
@@ -89,10 +91,24 @@ class ControlServer:
                 return {"ok": False, "error": "scale needs an integer 'workers'"}
             problem = pool.scale(workers)
             return {"ok": False, "error": problem} if problem else {"ok": True, "workers": workers}
+        if name == "projects":
+            return self._projects(command)
         if name == "stop":
             asyncio.get_running_loop().call_soon(pool.stop, bool(command.get("fast")))
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {name!r}"}
+
+
+    def _projects(self, command: dict[str, Any]) -> dict[str, Any]:
+        action, path, count = command.get("action"), command.get("path"), command.get("count", 0)
+        if action is None:
+            return {"ok": True, "projects": self.pool.project_rows()}
+        if not isinstance(path, str) or not path or not isinstance(count, int) or count < 0:
+            return {"ok": False, "exit": 2, "error": "projects needs a 'path' (and a 'count' >= 0)"}
+        problem, children = self.pool.project_command(str(action), path, count)
+        if problem:
+            return {"ok": False, "exit": 2, "error": problem}
+        return {"ok": True, "action": action, "path": path, "children": children}
 
 
 # ---------------------------------------------------------------- HTTP admin

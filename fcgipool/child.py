@@ -27,6 +27,7 @@ class State(StateEnum):
     IDLE = "idle"  # ready, no request
     BUSY = "busy"  # serving a request
     RECOVERING = "recovering"  # a request was abandoned; waiting for a probe answer
+    LOADING = "loading"  # ready, but out of rotation while it loads a project
     STOPPING = "stopping"  # asked to exit
     DEAD = "dead"  # reaped
 
@@ -57,6 +58,7 @@ class Child:
         self.requests_served = 0
         self.requests_limit = 0  # recycle after this many; 0 is never
         self.started_at = now
+        self.ready_at = 0.0  # when it first took traffic; 0 while it never has
         self.stop_requested = False
         self.failure = False  # its death counts as a failure even though it was asked to go
         self.exit_reason = ""  # why the pool ended it, for the restart counts
@@ -64,6 +66,9 @@ class Child:
         self.warmup = warmup  # URIs it must answer before it takes traffic
         self.warmups_done = 0
         self.projects: OrderedDict[str, None] = OrderedDict()  # served lately, newest last
+        self.warm_set: list[str] = []  # projects it loads after its warm-up, before traffic
+        self.stale: set[str] = set()  # projects it held whose file has changed since
+        self.unanswered = False  # its last probe got no answer in time (children.py's)
         self.idle_since = now  # when it last became idle (meaningful while it is IDLE)
         self.rss = 0  # resident bytes when last sampled (ready, then every rss_interval)
 
@@ -183,3 +188,11 @@ class ChildConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.handler is not None:
             self.handler.resume_sending()
+
+
+def remember(projects: OrderedDict[str, None], project: str, size: int) -> None:
+    """Keep ``project`` as the most recent of at most ``size`` remembered projects."""
+    projects[project] = None
+    projects.move_to_end(project)
+    while len(projects) > size:
+        projects.popitem(last=False)

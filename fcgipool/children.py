@@ -31,7 +31,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from . import logs
-from .child import Child, ChildConnection, State
+from .child import Child, ChildConnection, State, remember
 from .client import cgi_params, response_status
 from .machine import IllegalTransition
 from .processes import describe_status
@@ -40,6 +40,7 @@ from .protocol import EndRequest, RecordType, encode_record, encode_request, std
 if TYPE_CHECKING:
     from .accounting import Accounting
     from .config import Config
+    from .projects import Projects
     from .request import Request
 
 log = logs.get("fcgipool.children")
@@ -53,9 +54,10 @@ _ABORT = encode_record(RecordType.ABORT_REQUEST, 1)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
-    State.IDLE: frozenset({State.BUSY, State.STOPPING, State.DEAD}),
+    State.IDLE: frozenset({State.BUSY, State.LOADING, State.STOPPING, State.DEAD}),
     State.BUSY: frozenset({State.IDLE, State.RECOVERING, State.STOPPING, State.DEAD}),
     State.RECOVERING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
+    State.LOADING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
     State.STOPPING: frozenset({State.DEAD}),
     State.DEAD: frozenset(),
 }
@@ -81,6 +83,8 @@ class Dispatcher(Protocol):
     def child_ready(self, child: Child) -> None: ...
     def child_idle(self, child: Child) -> None: ...
     def forget(self, child: Child) -> None: ...
+    def take_out(self, child: Child) -> None:
+        """``child`` stays a member but takes no request until it is idle again."""
 
 
 class Events(Protocol):
@@ -114,7 +118,13 @@ class Probe:
         self.child, self.done, self.check_status = child, done, check_status
         self.head = b""
         self.finished = False
-        self.timer = timer(self._finish, False)  # no answer in time: a failure
+        child.unanswered = False
+        self.timer = timer(self._expired, True)  # no answer in time: a failure
+
+    def _expired(self, _: bool) -> None:
+        if not self.finished:
+            self.child.unanswered = True
+            self._finish(False)
 
     def _finish(self, ok: bool) -> None:
         if not self.finished:
@@ -157,8 +167,10 @@ class Children:
         accounting: Accounting,
         events: Events,
         loop: asyncio.AbstractEventLoop,
+        projects: Projects,
     ) -> None:
         self.processes = processes
+        self.projects = projects
         self.dispatcher = dispatcher
         self.accounting = accounting
         self.events = events
@@ -180,16 +192,23 @@ class Children:
         self.failures_in_a_row = 0
         self.next_spawn_at = 0.0
         self.respawn_timer: asyncio.TimerHandle | None = None
+        # The projects of children that left, for the warm sets of their replacements.
+        self.inherited: collections.deque[tuple[list[str], set[str]]] = collections.deque(
+            maxlen=64
+        )
+        # Loads to carry out on running children, one at a time: (project, why), why being
+        # "changed" (the file changed, or `projects refresh`), "warm" or "drop".
+        self.pending: collections.deque[tuple[Child, str, str]] = collections.deque()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         """What the next children and the next decisions follow (a reload changes it)."""
         self.config = config
-        projects = config.projects
-        self.warmup = list(config.child.warmup) + [
-            projects.pinned_uri.replace("{project}", urllib.parse.quote(project, safe="/"))
-            for project in projects.pinned
-        ]
+
+    def project_uri(self, project: str) -> str:
+        """The request that loads ``project`` on a child (projects.pinned_uri)."""
+        quoted = urllib.parse.quote(project, safe="/")
+        return self.config.projects.pinned_uri.replace("{project}", quoted)
 
     # ------------------------------------------------------------------ views
 
@@ -203,6 +222,18 @@ class Children:
 
     def retiring(self) -> int:
         return sum(1 for child in self.all if child.retiring)
+
+    def loading(self) -> int:
+        return sum(1 for child in self.all if child.state is State.LOADING)
+
+    def holders(self) -> dict[str, list[int]]:
+        """For each project, the pids of the children that hold it."""
+        found: dict[str, list[int]] = {}
+        for child in self.all:
+            if child.state in (State.IDLE, State.BUSY, State.LOADING):
+                for project in child.projects:
+                    found.setdefault(project, []).append(child.pid)
+        return found
 
     def requests(self) -> list[Request]:
         """The requests children have now."""
@@ -244,6 +275,7 @@ class Children:
             child = self.stale.pop(0)
             if child in self.all and not child.retiring and child.state is not State.DEAD:
                 child.retiring = "reload"
+                self._bequeath(child)
                 log.info("child_retiring", pid=child.pid, reason="reload")
         missing = self.workers - len(self.active())
         if missing <= 0:
@@ -267,7 +299,10 @@ class Children:
     def _spawn(self, reason: str) -> None:
         self.started += 1
         section = self.config.child
-        child = Child(self.started, list(self.warmup), self.loop.time())
+        child = Child(self.started, list(section.warmup), self.loop.time())
+        held, stale = self.inherited.popleft() if self.inherited else ([], set())
+        child.warm_set = [*self.projects.pinned(), *self.projects.warm_set(held)]
+        child.stale = stale & set(child.warm_set)  # its predecessor held an older version
         if section.max_requests:
             child.requests_limit = section.max_requests + random.randint(
                 0, section.max_requests_jitter
@@ -297,8 +332,16 @@ class Children:
             child.warmups_done += 1
             self._probe(child, self.config.child.start_timeout, uri, True, self._on_started)
             return
-        elapsed = round(self.loop.time() - child.started_at, 3)
-        log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=len(child.warmup))
+        if child.warm_set:
+            project = child.warm_set.pop(0)
+            child.warmups_done += 1
+            required = project in self.projects.pinned()
+            self._load(child, project, "pinned" if required else "inherited",
+                       partial(self._on_warm_set_loaded, required))  # fmt: skip
+            return
+        child.ready_at = self.loop.time()
+        elapsed = round(child.ready_at - child.started_at, 3)
+        log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=child.warmups_done)
         learned = self.start_seconds
         self.start_seconds = (
             elapsed if learned is None else learned + START_WEIGHT * (elapsed - learned)
@@ -312,6 +355,149 @@ class Children:
         if not self.ready_announced and self.ready() >= self.workers:
             self.ready_announced = True
             self.events.children_ready()
+
+    def _on_warm_set_loaded(self, required: bool, child: Child, ok: bool) -> None:
+        """A project of the warm set is loaded. One that failed is a failed start if it is
+        pinned (``required``) or got no answer at all; else the child goes on without it."""
+        if child.state is not State.STARTING:
+            return
+        self._on_started(child, ok or not (required or child.unanswered))
+
+    # ------------------------------------------------------------------ projects
+
+    def _load(
+        self, child: Child, project: str, why: str, then: Callable[[Child, bool], None]
+    ) -> None:
+        """Send the request that loads ``project``; learn how long it took; ``then``."""
+        started = self.loop.time()
+
+        def loaded(child: Child, ok: bool) -> None:
+            seconds = self.loop.time() - started
+            if ok:
+                memory = max(1, self.config.projects.memory)
+                remember(child.projects, project, max(memory, len(self.projects.configured)))
+                reload = why == "changed" or project in child.stale
+                child.stale.discard(project)
+                self.projects.loaded(project, seconds, reload=reload)
+            log.info("project_loaded" if ok else "project_load_failed", pid=child.pid,
+                     project=project, why=why, seconds=round(seconds, 3))  # fmt: skip
+            then(child, ok)
+
+        self._probe(child, self.config.child.start_timeout, self.project_uri(project), True,
+                    loaded)  # fmt: skip
+
+    def changed(self, project: str, gone: bool = False) -> int:
+        """``project``'s file changed (or is gone): every child holding it forgets it; each
+        is brought to the new version one at a time (unless it is gone). Returns how many
+        children held it."""
+        held = 0
+        for child in self.all:
+            if project in child.projects or project in child.stale:
+                held += 1
+                child.projects.pop(project, None)
+                if gone:
+                    child.stale.discard(project)
+                else:
+                    child.stale.add(project)
+                    self._queue(child, project, "changed")
+        self.run_pending()
+        return held
+
+    def warm(self, project: str, count: int) -> int:
+        """Load ``project`` on ``count`` ready children (all with 0) that lack it, one at
+        a time; returns how many will load it."""
+        chosen = [
+            child for child in self.active()
+            if child.state in (State.IDLE, State.BUSY) and project not in child.projects
+        ][: count or None]  # fmt: skip
+        for child in chosen:
+            self._queue(child, project, "warm")
+        self.run_pending()
+        return len(chosen)
+
+    def drop(self, project: str) -> int:
+        """No child holds ``project`` from now on: QGIS cannot forget a project, so the
+        children holding it are replaced, one at a time (their replacements do not load
+        it). Returns how many."""
+        holders = [child for child in self.all if project in child.projects]
+        for child in holders:
+            child.projects.pop(project, None)
+            child.stale.discard(project)
+            self._queue(child, project, "drop")
+        self.pending = collections.deque(
+            entry for entry in self.pending if entry[1] != project or entry[2] == "drop"
+        )
+        self.run_pending()
+        return len(holders)
+
+    def _queue(self, child: Child, project: str, why: str) -> None:
+        if not any(c is child and p == project for c, p, _ in self.pending):
+            self.pending.append((child, project, why))
+
+    def run_pending(self) -> None:
+        """Carry out the next pending load, one child at a time. A child is taken out of
+        rotation to load a project only while the pool keeps more ready children than
+        its minimum; otherwise (a fixed pool: the minimum is every child) a warmed
+        replacement takes its place, as for a recycle: it loads what the child held, the
+        changed project included, before it takes traffic, and the child serves until
+        then. A project to drop always means a replacement."""
+        if self.stopping or self.loading():
+            return
+        while self.pending:
+            child, project, why = self.pending[0]
+            if child not in self.all or child.retiring or child.state not in (
+                State.IDLE, State.BUSY
+            ):
+                self.pending.popleft()  # gone, or being replaced already
+                continue
+            if why == "changed" and project not in child.stale:
+                self.pending.popleft()  # a request loaded the new version meanwhile
+                continue
+            if why == "warm" and project in child.projects:
+                self.pending.popleft()
+                continue
+            in_place = why != "drop" and (
+                self.ready() - 1 >= self.minimum or (why == "warm" and self.ready() > 1)
+            )
+            if in_place:
+                if child.state is not State.IDLE:
+                    return  # its turn comes when it is free (see _free)
+                self.pending.popleft()
+                _move(child, State.LOADING)
+                self.dispatcher.take_out(child)
+                self._load(child, project, why, self._on_loaded)
+                return
+            if self.retiring() >= self.config.pool.max_recycling:
+                return  # the next one when this replacement is ready
+            self.pending.popleft()
+            self.recycle(child, "project_" + ("dropped" if why == "drop" else why))
+            return
+
+    def _on_loaded(self, child: Child, ok: bool) -> None:
+        if child.state is not State.LOADING:
+            return
+        if child.unanswered:
+            log.warning("child_load_timeout", pid=child.pid)
+            child.exit_reason = "load_timeout"
+            self._stop(child, failure=True)
+        else:
+            self._free(child)
+        self.run_pending()
+
+    def check_projects(self) -> None:
+        """Stat the files of the projects children hold, when due; act on changes."""
+        if not self.projects.due():
+            return
+        held = {project for child in self.all for project in (*child.projects, *child.stale)}
+        changed, gone = self.projects.check(held)
+        for project in changed:
+            count = self.changed(project)
+            log.info("project_changed", project=project, children=count)
+        for project in gone:
+            count = self.changed(project, gone=True)
+            log.warning("project_gone", project=project, children=count)
+        if self.pending:
+            self.run_pending()
 
     def _probe(
         self,
@@ -409,6 +595,10 @@ class Children:
             return
         _move(child, State.IDLE)
         child.idle_since = self.loop.time()
+        if self.pending and self.pending[0][0] is child:
+            self.run_pending()  # its turn to load a project, before another request
+            if child.state is State.LOADING:
+                return
         self.dispatcher.child_idle(child)
 
     def _misbehaved(self, child: Child) -> None:
@@ -423,9 +613,14 @@ class Children:
         if child.retiring or self.stopping or self.retiring() >= self.config.pool.max_recycling:
             return
         child.retiring = reason
+        self._bequeath(child)
         self.accounting.restarted(reason)
         log.info("child_recycling", pid=child.pid, reason=reason)
         self.reconcile("recycle")
+
+    def _bequeath(self, child: Child) -> None:
+        """What ``child`` held goes to the warm set of the next child started."""
+        self.inherited.append(([*reversed(child.projects), *child.stale], set(child.stale)))
 
     def check_age_and_memory(self) -> None:
         """Recycle children past child.max_lifetime or child.max_rss (every rss_interval)."""
@@ -580,6 +775,8 @@ class Children:
         level = log.warning if failed else log.info
         level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
         if failed:
+            if child.ready_at:  # one that never got ready may have failed on its warm set
+                self._bequeath(child)
             reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in _OUR_SIGNALS:
                 reason = "crash"  # e.g. SIGSEGV while its failed probe was being handled

@@ -208,7 +208,7 @@ def _ask(path: str, command: dict[str, Any]) -> dict[str, Any]:
         sys.exit(1)
     if not answer.get("ok"):
         click.echo(f"fcgipool: {answer.get('error', 'refused')}", err=True)
-        sys.exit(1)
+        sys.exit(2 if answer.get("exit") == 2 else 1)
     return answer
 
 
@@ -267,6 +267,54 @@ def stop(config_path: str | None, control: str | None, fast: bool) -> None:
     """Stop the pool, gracefully unless --fast."""
     _ask(_control_path(config_path, control), {"command": "stop", "fast": fast})
     click.echo("stopping")
+
+
+@main.group("projects", invoke_without_command=True)
+@config_option
+@control_option
+@click.option("--json", "as_json", is_flag=True, help="The projects as JSON.")
+@click.pass_context
+def projects(ctx: click.Context, config_path: str | None, control: str | None,
+             as_json: bool) -> None:  # fmt: skip
+    """Every project the pool has seen: version, requests, cost, who holds it, pinned."""
+    ctx.obj = _control_path(config_path, control)
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _ask(ctx.obj, {"command": "projects"})["projects"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'REQUESTS':>8} {'MEAN_MS':>8} {'P90_MS':>8} {'LOADS':>5} {'LOAD_S':>7} "
+               f"{'CHILDREN':<16} PROJECT")  # fmt: skip
+    for row in rows:
+        held = ",".join(map(str, row["children"])) or "-"
+        flags = "".join((" (pinned)" * row["pinned"], " (dropped)" * row["dropped"],
+                         " (missing)" * row["missing"]))  # fmt: skip
+        click.echo(f"{row['requests']:>8} {row['mean_ms']:>8.1f} {row['p90_ms']:>8.1f} "
+                   f"{row['loads']:>5} {row['load_seconds']:>7.2f} {held:<16} "
+                   f"{row['path']}{flags}")  # fmt: skip
+
+
+def _project_verb(action: str, help_text: str, done: str) -> None:
+    @projects.command(action, help=help_text)
+    @click.argument("path")
+    @click.option("--children", "count", type=click.IntRange(min=0), default=0,
+                  help="How many children (warm; 0 is all).", hidden=action != "warm")
+    @click.pass_obj
+    def verb(control_path: str, path: str, count: int) -> None:
+        answer = _ask(control_path, {"command": "projects", "action": action, "path": path,
+                                     "count": count})  # fmt: skip
+        click.echo(done.format(path=answer["path"], children=answer["children"]))
+
+
+_project_verb("warm", "Load PATH on N children (all by default) and keep it pinned: every "
+              "new child loads it too, until unpin or a restart.",
+              "{path}: loading on {children} children; pinned")
+_project_verb("unpin", "New children no longer load PATH first.", "{path}: unpinned")
+_project_verb("refresh", "Reload PATH on every child that holds it, as if it had changed.",
+              "{path}: reloading on {children} children")
+_project_verb("drop", "No child holds PATH any more: the children holding it are replaced.",
+              "{path}: replacing {children} children")
 
 
 def format_status(document: dict[str, Any]) -> str:

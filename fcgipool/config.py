@@ -577,6 +577,20 @@ class ProjectsSection(_Section):
         description="Aliases: a project named /ALIAS/rest is the file DIRECTORY/rest "
         '(e.g. {"/cadastre" = "/srv/qgis/cadastre"}); the child sees the real path.',
     )
+    check_interval: float = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds between checks of the project files children hold (mtime, size "
+        "and inode: works on NFS). A changed project is reloaded on each child holding it, "
+        "one child at a time, out of rotation; 0 turns the checks off.",
+    )
+    warm_budget: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds of learned load time a new child spends, before it takes "
+        "traffic, loading the projects its predecessor held (most requested first, at most "
+        "`memory` of them); 0 loads none but the pinned.",
+    )
     allow_map_override: bool = Field(
         default=False,
         description="When the web server names the project (fastcgi_param "

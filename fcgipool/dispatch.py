@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from math import frexp
 from typing import TYPE_CHECKING
 
 from . import logs
+from .child import remember
 from .costs import CostModel
+from .projects import Projects
 
 if TYPE_CHECKING:
     from .child import Child
@@ -157,15 +159,16 @@ class Dispatcher:
         rules: list[Rule],
         clock: Callable[[], float],
         costs: CostModel | None = None,
+        projects: Projects | None = None,
     ) -> None:
         self.clock = clock
         self.costs = costs if costs is not None else CostModel(config.tuning)
+        self.projects = projects if projects is not None else Projects(config, clock)
         self.idle: list[Child] = []  # a stack: the child used last is warmest
         self.members: set[Child] = set()  # ready children, busy or idle, until they stop
         self.classes: dict[str, ClassQueue] = {}
         self.by_priority: list[ClassQueue] = []
         self.clients: Counter[bytes] = Counter()
-        self.popularity: Counter[str] = Counter()
         self.long_running = 0
         self.short_running = 0
         # Predicted seconds of the short requests started, and of every request admitted,
@@ -186,7 +189,6 @@ class Dispatcher:
         self.long_request = tuning.long_request
         self.debug = config.log.level == "debug"
         self.memory = config.projects.memory
-        self.pinned = config.projects.pinned
         self.max_per_client = config.limits.max_per_client
         self.client_param = config.limits.client_param.encode("latin-1")
         old = self.classes
@@ -306,7 +308,10 @@ class Dispatcher:
         else:
             self.short_running -= 1
         if request.finished_by_child:
-            self.costs.learn(request.kind, request.request_class, self.clock() - request.started)
+            seconds = self.clock() - request.started
+            self.costs.learn(request.kind, request.request_class, seconds)
+            if request.project:
+                self.projects.finished(request.project, seconds)
         if self.max_per_client:
             client = request.params.get(self.client_param, b"")
             self.clients[client] -= 1
@@ -323,16 +328,19 @@ class Dispatcher:
     # ------------------------------------------------------------------ children
 
     def child_ready(self, child: Child) -> None:
-        """A new child is ready: it holds the pinned projects (its warm-up loaded them)."""
+        """A new child is ready (what its warm-up loaded is in ``child.projects``)."""
         self.members.add(child)
-        for project in self.pinned:
-            remember(child.projects, project, max(1, self.memory))
 
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the best waiting request that may start, else keep it."""
         self.members.add(child)
         self.idle.append(child)
         self._dispatch()
+
+    def take_out(self, child: Child) -> None:
+        """``child`` takes no request for now (it loads a project) but stays a member."""
+        if child in self.idle:
+            self.idle.remove(child)
 
     def forget(self, child: Child) -> None:
         self.members.discard(child)
@@ -484,9 +492,6 @@ class Dispatcher:
         idle = self.idle
         if not project or not self.memory:
             return idle.pop()
-        self.popularity[project] += 1
-        if len(self.popularity) > 4 * 4096:  # bounded: forget the rarely asked
-            self.popularity = Counter(dict(self.popularity.most_common(4096)))
         chosen = None
         if len(idle) > 1:
             for child in reversed(idle):
@@ -494,14 +499,17 @@ class Dispatcher:
                     chosen = child
                     break
             else:
-                chosen = min(
-                    reversed(idle),
-                    key=lambda c: sum(self.popularity[p] for p in c.projects),
-                )
+                demand = self.projects.demand
+                chosen = min(reversed(idle), key=lambda c: sum(map(demand, c.projects)))
             idle.remove(chosen)
         else:
             chosen = idle.pop()
-        remember(chosen.projects, project, self.memory)
+        projects = chosen.projects
+        if project not in projects:
+            self.projects.loaded_by_request(project)
+        remember(projects, project, self.memory)
+        chosen.stale.discard(project)  # it loads the file as it is now
+        self.projects.requested(project)
         return chosen
 
     def expire(self, now: float) -> None:
@@ -539,11 +547,3 @@ class Dispatcher:
 
     def _unavailable(self, request: Request, body: bytes) -> None:
         request.respond(503, body, (("Retry-After", str(self.limits.retry_after)),))
-
-
-def remember(projects: OrderedDict[str, None], project: str, size: int) -> None:
-    """Keep ``project`` as the most recent of at most ``size`` remembered projects."""
-    projects[project] = None
-    projects.move_to_end(project)
-    while len(projects) > size:
-        projects.popitem(last=False)

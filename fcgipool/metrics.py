@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 if TYPE_CHECKING:
     from .accounting import Accounting
+    from .projects import Projects
     from .status import PoolView
 
 # *_created samples only add noise to a scrape
@@ -204,6 +205,7 @@ class _PoolCollector:
         for reason, count in sorted(pool.accounting.restarts.items()):
             restarts.add_metric([reason], count)
         yield restarts
+        yield from _project_families(children.projects)
         rss = [children.rss(child) for child in children.all]
         yield GaugeMetricFamily(
             "fcgipool_children_rss_bytes", "Resident memory of all children.", value=sum(rss)
@@ -216,3 +218,32 @@ class _PoolCollector:
         yield GaugeMetricFamily(
             "fcgipool_uptime_seconds", "Seconds since the pool started.", value=pool.uptime()
         )
+
+
+TOP_PROJECTS = 10  # projects with their own label; the rest are summed as "other"
+
+
+def _project_families(projects: Projects) -> Iterator[Metric]:
+    """Loads, reloads on change and load seconds per project: the TOP_PROJECTS most
+    requested by path, the rest as project="other" (a bounded label set)."""
+    ranked = sorted(projects.by_path.values(), key=lambda p: -p.requests)
+    families = [
+        CounterFamily("fcgipool_project_loads", "Project loads on a child (warm-ups, "
+                      "refreshes, and requests to a child that lacked it).", labels=["project"]),
+        CounterFamily("fcgipool_project_reloads", "Project loads because its file changed "
+                      "(or `fcgipool projects refresh`).", labels=["project"]),
+        CounterFamily("fcgipool_project_load_seconds", "Seconds children spent loading the "
+                      "project before taking traffic (warm-ups, refreshes).", labels=["project"]),
+    ]  # fmt: skip
+    rest = [0.0, 0.0, 0.0]
+    for rank, project in enumerate(ranked):
+        values = (project.loads, project.reloads, project.load_total)
+        if rank < TOP_PROJECTS:
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([project.path], value)
+        else:
+            rest = [total + value for total, value in zip(rest, values, strict=True)]
+    if len(ranked) > TOP_PROJECTS:
+        for family, value in zip(families, rest, strict=True):
+            family.add_metric(["other"], value)
+    yield from families

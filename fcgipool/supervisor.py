@@ -38,6 +38,7 @@ from .frontend import Frontend
 from .machine import IllegalTransition, StateEnum
 from .metrics import Metrics
 from .processes import OsProcesses
+from .projects import Projects, is_storage_uri
 from .request import Context
 from .scaling import Autoscaler
 from .status import snapshot
@@ -111,10 +112,13 @@ class Pool:
         self.processes = processes
         classifier = Classifier(config)
         self.costs = CostModel(config.tuning)
-        self.dispatcher = Dispatcher(config, classifier.rules, loop.time, self.costs)
+        self.projects = Projects(config, loop.time)
+        self.dispatcher = Dispatcher(config, classifier.rules, loop.time, self.costs, self.projects)
         self.admission = Admission(config, classifier, self.costs)
         self.accounting = Accounting(loop.time, config.log.access)
-        self.children = Children(config, processes, self.dispatcher, self.accounting, self, loop)
+        self.children = Children(
+            config, processes, self.dispatcher, self.accounting, self, loop, self.projects
+        )
         self.autoscaler = Autoscaler(config, self.children, self.dispatcher, loop.time)
         self.context = Context(
             loop=loop,
@@ -281,6 +285,7 @@ class Pool:
             request.check_timeout(now)
         if self.lifecycle is Lifecycle.RUNNING:
             self.autoscaler.tick()
+            self.children.check_projects()
         if self.lifecycle is Lifecycle.DRAINING:
             self._check_drain()
 
@@ -409,6 +414,7 @@ class Pool:
                      max_workers=new.pool.maximum)  # fmt: skip
         self.config = new
         classifier = Classifier(new)
+        self.projects.configure(new)
         self.dispatcher.configure(new, classifier.rules)
         self.admission.configure(new, classifier)
         self.children.configure(new)
@@ -439,6 +445,40 @@ class Pool:
         self.children.set_range(workers, workers)
         self.children.scale(workers)
         return ""
+
+    def project_rows(self) -> list[dict[str, Any]]:
+        return self.projects.rows(self.children.holders())
+
+    def project_command(self, action: str, named: str, count: int = 0) -> tuple[str, int]:
+        """`fcgipool projects warm|unpin|refresh|drop PATH`: why not (or ""), and how many
+        children it concerns. The path is checked as a request's MAP would be."""
+        classifier = self.admission.classifier
+        check = classifier.check(named, named=True)
+        if not check.allowed:
+            return f"{named}: {check.reason}", 0
+        path = check.path or named
+        known = self.projects.by_path.get(path)
+        if action == "warm":
+            if known is None and not is_storage_uri(path) and not os.path.isfile(path):
+                return f"{path}: no such file", 0
+            self.projects.pin(path, True)
+            log.info("project_pinned", project=path)
+            return "", self.children.warm(path, count)
+        if known is None:
+            return f"{path}: not a project the pool has seen (see fcgipool projects)", 0
+        if action == "unpin":
+            self.projects.pin(path, False)
+            log.info("project_unpinned", project=path)
+            return "", 0
+        if action == "refresh":
+            log.info("project_refresh", project=path)
+            return "", self.children.changed(path)
+        if action == "drop":
+            self.projects.pin(path, False)
+            known.dropped = True
+            log.info("project_dropped", project=path)
+            return "", self.children.drop(path)
+        return f"unknown action {action!r}", 0
 
     def stop(self, fast: bool) -> None:
         if fast:
@@ -482,3 +522,4 @@ class Pool:
         self.dispatcher.fail_waiting(b"The pool is shutting down\n")
         self.frontend.close_all("pool stopped before the request finished")
         self.children.stop_all()
+

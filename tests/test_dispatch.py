@@ -19,6 +19,7 @@ class FakeChild:
     def __init__(self, name: str) -> None:
         self.name = name
         self.projects: OrderedDict[str, None] = OrderedDict()
+        self.stale: set[str] = set()
 
     def __repr__(self) -> str:
         return self.name
@@ -229,7 +230,7 @@ def test_affinity_evicts_the_least_valuable_cache_and_bounds_memory():
     dispatcher, _ = make({"projects": {"memory": 2}})
     popular, rare = FakeChild("popular"), FakeChild("rare")
     for _ in range(5):
-        dispatcher.popularity["/hot.qgs"] += 1
+        dispatcher.projects.requested("/hot.qgs")
     popular.projects["/hot.qgs"] = None
     rare.projects["/cold.qgs"] = None
     dispatcher.child_idle(rare)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import selectors
 import signal
 import urllib.parse
@@ -278,6 +279,8 @@ class FakeProgram:
         self.received = b""
         self.exit_status: int | None = None
         self.backlog: list[tuple[_ProgramEnd, int]] = []
+        self.cache: dict[str, int] = {}  # project -> the mtime_ns it was loaded at
+        self.loads: list[tuple[str, bool]] = []  # (project, by a probe or warm-up)
 
     @property
     def served(self) -> list[dict[bytes, bytes]]:
@@ -303,7 +306,8 @@ class FakeProgram:
             loop = self.processes.loop
             if isinstance(action, Answer):
                 self.busy = True
-                loop.call_later(action.after, self._finish, end, request_id, action)
+                after = action.after + self._load(params)
+                loop.call_later(after, self._finish, end, request_id, action)
             elif isinstance(action, Crash):
                 self.busy = True
                 loop.call_later(action.after, self.exit, action.signum)
@@ -315,6 +319,25 @@ class FakeProgram:
                 end.transport.write(b"HTTP/1.0 200 OK\r\n\r\nnot fastcgi")
             else:
                 self.busy = True  # Hang: until killed
+
+    def _load(self, params: dict[bytes, bytes]) -> float:
+        """Seconds to load the request's project first, if it is a known project file whose
+        version this program does not hold (QGIS 3.22 notices a changed file by itself)."""
+        query = urllib.parse.parse_qs(params.get(b"QUERY_STRING", b"").decode(), True)
+        project = (query.get("MAP") or [params.get(b"QGIS_PROJECT_FILE", b"").decode()])[0]
+        seconds = self.processes.project_loads.get(project)
+        if seconds is None:
+            return 0.0
+        try:
+            version = os.stat(project).st_mtime_ns
+        except FileNotFoundError:
+            self.cache.pop(project, None)
+            return 0.0
+        if self.cache.get(project) == version:
+            return 0.0
+        self.cache[project] = version
+        self.loads.append((project, params.get(b"HTTP_USER_AGENT") == b"fcgipool-probe"))
+        return seconds
 
     def _finish(self, end: _ProgramEnd, request_id: int, action: Answer) -> None:
         if self.alive:
@@ -359,6 +382,9 @@ class FakeProcesses:
         self.started: list[FakeProgram] = []
         self.spawned_at: list[float] = []  # when each spawn was tried
         self.on_spawn: Callable[[FakeProgram], None] = lambda program: None
+        # Project files and their load times: a program then caches projects as QGIS does
+        # (by path, reloading one whose file changed) and takes the load time first.
+        self.project_loads: dict[str, float] = {}
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())
