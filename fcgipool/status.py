@@ -103,6 +103,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
                 "age": round(now - child.started_at, 3),
                 "retiring": child.retiring or None,
                 "projects": list(child.projects),
+                "stale": sorted(child.stale),
             }
         )
     dispatcher = pool.dispatcher
