@@ -261,6 +261,11 @@ def test_each_project_stays_on_one_pool(pools, router):
     counts = Counter(mapping.values())
     assert set(counts) == set(POOLS), counts
     print(f"40 projects over 3 pools: {dict(sorted(counts.items()))}")
+    # The ring comes from the servers' addresses, not from the order of their lines.
+    lines = re.findall(r"^ *server unix:.*\n", router.site, re.M)
+    assert len(lines) == len(POOLS) and "".join(lines) in router.site
+    router.reload(router.site.replace("".join(lines), "".join(reversed(lines))))
+    assert placement(router.port) == mapping
     # The access log names the key and the pool: where a project lives, seen from nginx.
     log = (router.logs() / "maps.access.log").read_text()
     project = PROJECTS[0]
@@ -279,6 +284,10 @@ def test_removing_a_pool_moves_only_its_projects(pools, router):
     went = dict(Counter(after[project] for project in gone))
     print(f"pool c removed: {len(gone)} of {len(PROJECTS)} projects moved ({went}), "
           f"the other {len(PROJECTS) - len(gone)} stayed")
+    # Marked `down` instead (maintenance), it sends them to the same places.
+    line = f"server {pools['c'].address} "
+    router.reload(adapt(full, {line: f"{line}down "}))
+    assert placement(router.port) == after
     # Adding it back (the same address, so the same points) brings back exactly those.
     router.reload(full)
     assert placement(router.port) == before
