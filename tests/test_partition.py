@@ -266,7 +266,14 @@ def test_each_project_stays_on_one_pool(pools, router):
     assert len(lines) == len(POOLS) and "".join(lines) in router.site
     router.reload(router.site.replace("".join(lines), "".join(reversed(lines))))
     assert placement(router.port) == mapping
-    # The access log names the key and the pool: where a project lives, seen from nginx.
+    # Where a project lives, seen from each pool: `fcgipool projects` lists what it served.
+    for name, pool in pools.items():
+        result = subprocess.run([str(BIN / "fcgipool"), "projects", "-c", str(pool.config_path),
+                                 "--json"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        served = {row["path"] for row in json.loads(result.stdout) if row["requests"]}
+        assert served == {f"{PROJECT_DIR}/{project}.qgs" for project in on(mapping, name)}
+    # And from nginx: the access log names the key and the pool.
     log = (router.logs() / "maps.access.log").read_text()
     project = PROJECTS[0]
     assert f'key="{PROJECT_DIR}/{project}.qgs" upstream="{pools[mapping[project]].address}"' in log
