@@ -443,35 +443,40 @@ class Children:
         then. A project to drop always means a replacement."""
         if self.stopping or self.loading():
             return
-        while self.pending:
-            child, project, why = self.pending[0]
-            if child not in self.all or child.retiring or child.state not in (
-                State.IDLE, State.BUSY
-            ):
-                self.pending.popleft()  # gone, or being replaced already
+        for entry in list(self.pending):
+            child, project, why = entry
+            if self._done_with(child, project, why):
+                self.pending.remove(entry)
                 continue
-            if why == "changed" and project not in child.stale:
-                self.pending.popleft()  # a request loaded the new version meanwhile
-                continue
-            if why == "warm" and project in child.projects:
-                self.pending.popleft()
-                continue
+            if child.state is State.STARTING:
+                continue  # it was loading its warm set when the file changed
             in_place = why != "drop" and (
                 self.ready() - 1 >= self.minimum or (why == "warm" and self.ready() > 1)
             )
             if in_place:
                 if child.state is not State.IDLE:
-                    return  # its turn comes when it is free (see _free)
-                self.pending.popleft()
+                    continue  # its turn comes when it is free (see _free)
+                self.pending.remove(entry)
                 _move(child, State.LOADING)
                 self.dispatcher.take_out(child)
                 self._load(child, project, why, self._on_loaded)
                 return
             if self.retiring() >= self.config.pool.max_recycling:
                 return  # the next one when this replacement is ready
-            self.pending.popleft()
+            self.pending.remove(entry)
             self.recycle(child, "project_" + ("dropped" if why == "drop" else why))
             return
+
+    def _done_with(self, child: Child, project: str, why: str) -> bool:
+        """Is a pending load moot: the child gone or being replaced, a request loaded the
+        new version meanwhile, or it holds the project to warm already?"""
+        if child not in self.all or child.retiring or child.state in (
+            State.STOPPING, State.DEAD
+        ):  # fmt: skip
+            return True
+        if why == "changed":
+            return project not in child.stale
+        return why == "warm" and project in child.projects
 
     def _on_loaded(self, child: Child, ok: bool) -> None:
         if child.state is not State.LOADING:
@@ -595,7 +600,7 @@ class Children:
             return
         _move(child, State.IDLE)
         child.idle_since = self.loop.time()
-        if self.pending and self.pending[0][0] is child:
+        if self.pending and any(entry[0] is child for entry in self.pending):
             self.run_pending()  # its turn to load a project, before another request
             if child.state is State.LOADING:
                 return

@@ -490,7 +490,10 @@ class Dispatcher:
         """The idle child for a request of ``project``: one that served it recently, else
         the one whose remembered projects are least in demand; the warmest otherwise."""
         idle = self.idle
-        if not project or not self.memory:
+        if not project:
+            return idle.pop()
+        if not self.memory:
+            self.projects.requested(project)
             return idle.pop()
         chosen = None
         if len(idle) > 1:

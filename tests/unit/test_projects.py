@@ -248,3 +248,45 @@ def test_project_commands_their_answers_and_errors(harness, tmp_path):
     (row,) = ask()["projects"]
     assert row["dropped"] and not row["pinned"]
     assert h.pool.accounting.restarts["project_dropped"] == 2
+
+
+def test_a_child_that_hangs_or_dies_while_loading_is_replaced_and_nothing_is_lost(
+        harness, tmp_path):
+    from fakes import Hang, by_uri
+
+    h = harness({"pool": {"workers": 3, "min_workers": 1, "max_workers": 3},
+                 "child": {"start_timeout": 5.0}})  # fmt: skip
+    (slow,) = projects(tmp_path, "slow")
+    h.pool.project_command("warm", slow)
+    h.until(lambda: len(holders(h, slow)) == 3, 20)
+    pids = {child.pid for child in h.pool.children.all}
+    h.processes.behaviour = lambda params: (
+        Hang() if params.get(b"HTTP_USER_AGENT") == b"fcgipool-probe" else by_uri(params))
+    touch(slow)
+    h.until(lambda: h.pool.children.loading() == 1, 5, "a child loading")
+    (loading,) = [c for c in h.pool.children.all if c.state is State.LOADING]
+    answers = [h.get(query(slow) + "&sleep=0.1") for _ in range(3)]  # served meanwhile
+    assert [a.status for a in answers] == [200] * 3
+    h.until(lambda: loading not in h.pool.children.all, 20, "the hung child stopped")
+    assert h.pool.accounting.restarts["load_timeout"] == 1
+    h.processes.behaviour = by_uri
+    second = next(c for c in h.pool.children.all if c.state is State.LOADING or slow in c.stale)
+    h.processes.programs[second.pid].exit(signal.SIGKILL)  # dies while it waits or loads
+    h.until(lambda: h.pool.children.ready() == 3 and not h.pool.children.pending
+            and not pids & {c.pid for c in h.pool.children.all if slow in c.stale}, 60)
+    assert h.get(query(slow)).status == 200
+    assert h.pool.lifecycle.value == "running"
+
+
+def test_a_stop_during_a_refresh_starts_nothing_more(harness, tmp_path):
+    h = harness({"pool": {"workers": 3, "min_workers": 1, "max_workers": 3}})
+    (slow,) = projects(tmp_path, "slow")
+    h.processes.project_loads = {slow: 5.0}
+    h.pool.project_command("warm", slow)
+    h.until(lambda: len(holders(h, slow)) == 3, 60)
+    touch(slow)
+    h.until(lambda: h.pool.children.loading() == 1, 5)
+    started = len(h.processes.started)
+    h.pool.stop(fast=False)
+    assert h.wait_stopped(30) == 0
+    assert len(h.processes.started) == started
