@@ -503,7 +503,8 @@ class Dispatcher:
                     break
             else:
                 demand = self.projects.demand
-                chosen = min(reversed(idle), key=lambda c: sum(map(demand, c.projects)))
+                fresh = [c for c in reversed(idle) if project not in c.stale]  # see projects.md
+                chosen = min(fresh or reversed(idle), key=lambda c: sum(map(demand, c.projects)))
             idle.remove(chosen)
         else:
             chosen = idle.pop()

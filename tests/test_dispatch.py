@@ -284,3 +284,18 @@ def test_at_saturation_a_freed_child_takes_a_waiting_request_for_its_project():
     dispatcher.submit(c)
     dispatcher.child_idle(child)
     assert a.child is child and c.child is None
+
+
+def test_a_child_stale_for_a_project_gets_its_requests_only_when_no_other_is_idle():
+    dispatcher, _ = make()
+    stale, other = FakeChild("stale"), FakeChild("other")
+    stale.stale.add("/p/a.qgs")  # its file changed since it loaded it
+    other.projects["/p/b.qgs"] = None
+    dispatcher.child_idle(other)
+    dispatcher.child_idle(stale)  # the warmest, and it holds nothing the others want
+    request = FakeRequest("default", "/p/a.qgs")
+    dispatcher.submit(request)
+    assert request.child is other
+    alone = FakeRequest("default", "/p/a.qgs")
+    dispatcher.submit(alone)
+    assert alone.child is stale and "/p/a.qgs" not in stale.stale  # it loads the new one
