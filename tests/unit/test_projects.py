@@ -151,7 +151,8 @@ def test_a_project_file_that_disappears_is_forgotten_not_reloaded(harness, tmp_p
     os.unlink(gone)
     h.run(3.0)
     assert holders(h, gone) == [] and h.pool.projects.by_path[gone].missing
-    assert "project_gone" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "project_gone" in captured.out + captured.err
     assert h.pool.projects.by_path[gone].reloads == 0
     assert h.get(query(gone)).status == 200  # what the child answers; no loop, no crash
     assert h.pool.children.ready() == 2
