@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from test_deploy import nginx_main
 
 from conftest import REPO, PoolProcess, free_port, wait_for, wsgi_config
 
@@ -67,27 +68,8 @@ class Router:
         for name in ("snippets", "logs"):
             (directory / name).mkdir(parents=True)
         (directory / "snippets" / "fcgipool-params.conf").write_text(params)
-        (directory / "fastcgi_params").symlink_to("/etc/nginx/fastcgi_params")
         self.site_path = directory / "site.conf"
-        self.conf = directory / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        self.conf.write_text(textwrap.dedent(f"""\
-            {user}
-            worker_processes 1;
-            daemon off;
-            pid {directory}/nginx.pid;
-            error_log {directory}/error.log warn;
-            events {{ worker_connections 256; }}
-            http {{
-                access_log off;
-                client_body_temp_path {directory}/body;
-                fastcgi_temp_path {directory}/fastcgi;
-                proxy_temp_path {directory}/proxy;
-                uwsgi_temp_path {directory}/uwsgi;
-                scgi_temp_path {directory}/scgi;
-                include {self.site_path};
-            }}
-            """))
+        self.conf = nginx_main(directory, f"include {self.site_path};\n")
         self.process: subprocess.Popen | None = None
         self.site = ""
 
