@@ -40,7 +40,7 @@ import math
 import random
 import sys
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,9 +49,11 @@ from typing import Any
 from fcgipool import config as configuration
 from fcgipool import logs
 from fcgipool.admission import Admission
+from fcgipool.child import remember
 from fcgipool.classify import Classifier
 from fcgipool.costs import CostModel
 from fcgipool.dispatch import Dispatcher
+from fcgipool.projects import Projects
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ("GetCapabilities", "tile", "heavy")
@@ -63,7 +65,17 @@ PEER_TIMEOUT = 30.0  # nginx gives up on a request that waited this long at a pe
 STARTUP = (0.5, 1.4)  # seconds from spawn to a QGIS child's first answer (measured)
 TICK = 0.1  # the pool's timer: queue timeouts (supervisor.TICK)
 DRAIN = 400.0  # seconds after the last arrival within which every request must end
-POLICIES = ("fcgipool", "random-idle", "round-robin", "first-idle")
+WARM_SETS = (
+    "fcgipool: a replacement (recycled, crashed, changed project) loads "
+    "Projects.warm_set of what its predecessor held before it takes traffic; "
+    "the peers' replacements start cold"
+)
+CHANGES = (
+    "fcgipool: children.py's path for a fixed pool, each holder forgets the project "
+    "and is replaced, one at a time, by a child that loads it first; the peers' "
+    "children load it again on their next request of it"
+)
+POLICIES = ("fcgipool", "fcgipool:projects.memory=100", "random-idle", "round-robin", "first-idle")
 
 
 @dataclass
@@ -81,11 +93,11 @@ class Workload:
     load_sigma: float = 1.3
     load_clip: tuple[float, float] = (0.1, 120.0)
     cache: int = 100  # projects a QGIS child keeps
-    changes_per_hour: float = 6.0  # projects edited: every holder reloads on next use
+    changes_per_hour: float = 12.0  # projects saved by their authors, most requested likelier
     max_requests: int = 2000  # child recycling, plus a jitter of 0..max_requests_jitter
     max_requests_jitter: int = 1000
     crash_rate: float = 2e-5  # per request: the child dies halfway through it
-    warmup: float = 120.0  # seconds simulated before anything is counted
+    warmup: float = 600.0  # seconds simulated before anything is counted (arrivals ramp up)
     duration: float = 600.0  # seconds of arrivals counted
     seed: int = 1
 
@@ -140,22 +152,26 @@ def capacities(w: Workload, projects: list[Project], weights: list[float]) -> tu
 
 
 class SimChild:
-    """A QGIS process: its own project cache, and what the pool remembers of it
-    (``projects``, written by the dispatcher's affinity)."""
+    """A QGIS process: its own project cache (``cache``), and what the pool knows of it
+    (``projects``, ``stale``, ``warm_set``: the attributes of fcgipool.child.Child that the
+    dispatcher and children.py use)."""
 
-    __slots__ = ("alive", "cache", "limit", "name", "projects", "replaced", "replaces",
-                 "retiring", "served", "slot")  # fmt: skip
+    __slots__ = ("alive", "cache", "limit", "name", "projects", "ready", "replaced",
+                 "replaces", "retiring", "served", "slot", "stale", "warm_set")  # fmt: skip
 
     def __init__(self, name: str, slot: int, limit: int) -> None:
         self.name = name
         self.slot = slot
-        self.limit = limit
+        self.limit = limit  # max_requests plus its jitter; 0 is never
         self.served = 0
-        self.projects: OrderedDict[str, None] = OrderedDict()  # the pool's memory
         self.cache: OrderedDict[str, int] = OrderedDict()  # QGIS's: project -> version
+        self.projects: OrderedDict[str, None] = OrderedDict()  # the pool's memory of it
+        self.stale: set[str] = set()
+        self.warm_set: list[str] = []
         self.alive = True
+        self.ready = False
         self.retiring = False  # recycled: its replacement is starting
-        self.replaced = False  # and is ready: stop at the next idle moment
+        self.replaced = False  # and is ready: it stops when next free
         self.replaces: SimChild | None = None
 
     def __repr__(self) -> str:
@@ -164,21 +180,21 @@ class SimChild:
 
 class SimRequest:
     """A request as the dispatcher sees one (the attributes of fcgipool.request.Request it
-    reads and writes), plus what the simulation needs to know about it."""
+    reads and writes), and what the simulation knows of it."""
 
     __slots__ = ("child", "cost", "counted", "crash", "created", "finished_by_child", "kind",
-                 "kind_index", "lane", "long", "measured", "outcome", "params", "project",
-                 "proj", "queued", "queued_at", "request_class", "retried", "service", "sim",
-                 "started", "timeout", "uri")  # fmt: skip
+                 "kind_index", "lane", "long", "measured", "outcome", "params", "proj",
+                 "project", "queued", "queued_at", "request_class", "retried", "service",
+                 "sim", "started", "timeout", "uri")  # fmt: skip
 
     def __init__(self, sim: Simulation, proj: Project, k: int, service: float,
                  crash: bool, measured: bool) -> None:  # fmt: skip
         self.sim = sim
         self.proj = proj
         self.kind_index = k
-        self.service = service
-        self.crash = crash
-        self.measured = measured
+        self.service = service  # seconds of work once the project is loaded
+        self.crash = crash  # the child dies under it (first attempt)
+        self.measured = measured  # arrived in the counted window
         self.params = proj.params[k]
         self.uri = "/ows"
         self.project = proj.name
@@ -208,7 +224,8 @@ class SimRequest:
 
 @dataclass
 class Stats:
-    """What one run counts, of the requests that arrived in the measured window."""
+    """What one run counts: requests that arrived in the measured window, and children's
+    work in it."""
 
     rate: float = 0.0  # arrivals per second, after the warm-up
     warm_capacity: float = 0.0
@@ -219,14 +236,17 @@ class Stats:
     waited_out: int = 0  # fcgipool: 503 after the queue timeout; peers: nginx timed out
     lost: int = 0  # the child crashed under it and nobody retried it (502)
     unfinished: int = 0  # not ended within DRAIN after the last arrival (a bug if any)
-    hits: int = 0  # requests a child started in the window with its project loaded
+    hits: int = 0  # requests a child started with their project loaded
     misses: int = 0
-    loads: int = 0  # project loads in the window, warm sets included
+    loads: int = 0  # project loads for requests
+    warm_loads: int = 0  # project loads of warm sets, before a child takes traffic
     crashes: int = 0
-    recycled: int = 0
+    recycled: int = 0  # children replaced: max_requests, or a project changed
     changes: int = 0
     max_queue: int = 0
-    max_class_queue: dict[str, int] = field(default_factory=dict)
+    warmup_failed: int = 0  # requests of the warm-up refused, waited out or lost
+    warmup_max_queue: int = 0
+    max_class_queue: dict[str, int] = field(default_factory=dict)  # the whole run
     max_remembered: int = 0  # the most projects the pool remembered for one child
     latencies: list[list[float]] = field(default_factory=lambda: [[], [], []])
 
@@ -254,9 +274,26 @@ class Policy:
         raise NotImplementedError
 
     def crashed(self, request: SimRequest, child: SimChild) -> None:
-        """``child`` died under ``request``: the peers' web server answers 502."""
-        self.sim.resolve(request, "lost")
+        """``child`` died under ``request``: the web server answers 502; a fresh child
+        takes its place."""
+        if not request.outcome:
+            self.sim.resolve(request, "lost")
         self.sim.respawn(child)
+
+    def successor(self, child: SimChild) -> tuple[list[str], set[str]]:
+        """What a child replacing ``child`` loads before it takes traffic, and which of
+        those ``child`` held in an older version. The peers' start cold."""
+        return [], set()
+
+    def started(self, child: SimChild) -> None:
+        """``child`` was spawned; it is not ready yet."""
+
+    def loaded(self, child: SimChild, project: str, seconds: float) -> None:
+        """A starting ``child`` loaded ``project`` of its warm set."""
+
+    def changed(self, project: str) -> None:
+        """An operator saved ``project``: children that hold it load it again when next
+        asked for it (QGIS watches its files), unless the policy acts first."""
 
     def waiting(self) -> Iterator[SimRequest]:
         raise NotImplementedError
@@ -266,30 +303,40 @@ class Policy:
 
 
 class Fcgipool(Policy):
-    """The real dispatcher with the default configuration; children recycled as
-    children.py does (the replacement ready first, ``pool.max_recycling`` at once)."""
+    """The real dispatcher, cost model, classifier, admission and project registry, with
+    the default configuration (or ``settings``: ``projects.memory=100,...``); children
+    replaced as children.py does in a fixed pool: a replacement of a recycled, crashed
+    or changed child loads its predecessor's warm set first, ``pool.max_recycling`` at
+    once, and a recycled child serves until its replacement is ready."""
 
-    name = "fcgipool"
     peer = False
 
     def __init__(self, sim: Simulation, settings: str = "") -> None:
         super().__init__(sim)
         self.name = "fcgipool" + (f":{settings}" if settings else "")
         overrides: dict[str, Any] = {"pool": {"workers": sim.w.children}}
-        for setting in filter(None, settings.split(",")):  # e.g. projects.memory=100
+        for setting in filter(None, settings.split(",")):
             key, _, text = setting.partition("=")
             section, name = key.split(".")
+            value: Any = text
             with contextlib.suppress(json.JSONDecodeError):
-                text = json.loads(text)
-            overrides.setdefault(section, {})[name] = text
-        self.config = configuration.build(None, overrides, environ={})
-        classifier = Classifier(self.config)
-        costs = CostModel(self.config.tuning)
-        self.admission = Admission(self.config, classifier, costs)
-        self.dispatcher = Dispatcher(self.config, classifier.rules, sim.clock, costs)
+                value = json.loads(text)
+            overrides.setdefault(section, {})[name] = value
+        self.config = config = configuration.build(None, overrides, environ={})
+        classifier = Classifier(config)
+        costs = CostModel(config.tuning)
+        self.projects = Projects(config, sim.clock, stat=lambda path: None)
+        self.admission = Admission(config, classifier, costs)
+        self.dispatcher = Dispatcher(config, classifier.rules, sim.clock, costs, self.projects)
         self.classes = list(self.dispatcher.classes.values())
         self.max_class = dict.fromkeys(self.dispatcher.classes, 0)
-        self.recycling = 0
+        self.memory = max(1, config.projects.memory)
+        self.max_recycling = config.pool.max_recycling
+        self.recycling = 0  # children being replaced
+        self.alive: dict[SimChild, None] = {}  # started and not gone, in order
+        self.pending: deque[tuple[SimChild, str]] = deque()  # holders of changed projects
+        self.ticks = 0
+        self.check_every = max(1, round(config.projects.check_interval / TICK))
 
     def submit(self, request: SimRequest, first: bool = False) -> None:
         if not first:
@@ -305,35 +352,31 @@ class Fcgipool(Policy):
                     self.max_class[queue.name] = queue.length
             self.sim.queued(total)
 
+    def started(self, child: SimChild) -> None:
+        self.alive[child] = None  # children.py's ``all``: changes reach starting ones too
+
     def add(self, child: SimChild) -> None:
-        d = self.dispatcher
-        d.child_ready(child)  # type: ignore[arg-type]
-        d.child_idle(child)  # type: ignore[arg-type]
+        self.alive[child] = None
+        self.dispatcher.child_ready(child)  # type: ignore[arg-type]
+        self._free(child)
         old = child.replaces
         if old is not None and old.alive:
             old.replaced = True
-            if old in d.idle:  # type: ignore[comparison-overlap]
+            if old in self.dispatcher.idle:  # type: ignore[comparison-overlap]
                 self._retire(old)
 
     def finished(self, request: SimRequest, child: SimChild) -> None:
         request.finished_by_child = True
         self.dispatcher.released(request)  # type: ignore[arg-type]
-        limit = self.config.pool.max_recycling
-        if child.limit and child.served >= child.limit and not child.retiring:
-            if self.recycling < limit:
-                child.retiring = True
-                self.recycling += 1
-                self.sim.stats.recycled += self.sim.counting()
-                self.sim.spawn(child.slot, replaces=child)
-        if child.replaced:
-            self._retire(child)
-        else:
-            self.dispatcher.child_idle(child)  # type: ignore[arg-type]
+        if child.limit and child.served >= child.limit:
+            self._recycle(child)
+        self._free(child)
 
     def crashed(self, request: SimRequest, child: SimChild) -> None:
-        """children.py forgets the dead child; request.py retries a GET once, first in its
-        queue (a second crash would be a 502)."""
+        """children.py forgets the dead child and starts another (its warm set from what
+        the dead one held); request.py retries a GET once, first in its queue."""
         self.dispatcher.forget(child)  # type: ignore[arg-type]
+        self.alive.pop(child, None)
         self.dispatcher.released(request)  # type: ignore[arg-type]
         if child.retiring:
             self.recycling -= 1  # its replacement is on its way already
@@ -345,8 +388,57 @@ class Fcgipool(Policy):
             request.retried = True
             self.submit(request, first=True)
 
+    def successor(self, child: SimChild) -> tuple[list[str], set[str]]:
+        held = [*reversed(child.projects), *child.stale]  # children.py's _bequeath
+        return [*self.projects.pinned(), *self.projects.warm_set(held)], set(child.stale)
+
+    def loaded(self, child: SimChild, project: str, seconds: float) -> None:
+        remember(child.projects, project, self.memory)
+        reload = project in child.stale
+        child.stale.discard(project)
+        self.projects.loaded(project, seconds, reload=reload)
+
+    def changed(self, project: str) -> None:
+        """children.py's ``changed``: every holder forgets the project and, in a fixed pool,
+        is replaced by a child that loads what it held, one at a time."""
+        for child in self.alive:
+            if project in child.projects or project in child.stale:
+                child.projects.pop(project, None)
+                child.stale.add(project)
+                if (child, project) not in self.pending:
+                    self.pending.append((child, project))
+        self._run_pending()
+
+    def _run_pending(self) -> None:
+        while self.pending:
+            child, project = self.pending[0]
+            if not (child.alive and child.ready) or child.retiring or project not in child.stale:
+                self.pending.popleft()  # gone, being replaced, or a request loaded it
+                continue
+            if self.recycling >= self.max_recycling:
+                return  # the next one when this replacement is ready
+            self.pending.popleft()
+            self._recycle(child)
+            return
+
+    def _recycle(self, child: SimChild) -> None:
+        if child.retiring or self.recycling >= self.max_recycling:
+            return  # children.py tries again at the child's next release
+        child.retiring = True
+        self.recycling += 1
+        self.sim.stats.recycled += self.sim.counting()
+        warm, stale = self.successor(child)
+        self.sim.spawn(child.slot, warm, stale, replaces=child)
+
+    def _free(self, child: SimChild) -> None:
+        if child.replaced:
+            self._retire(child)
+        else:
+            self.dispatcher.child_idle(child)  # type: ignore[arg-type]
+
     def _retire(self, child: SimChild) -> None:
         self.dispatcher.forget(child)  # type: ignore[arg-type]
+        self.alive.pop(child, None)
         self.recycling -= 1
         self.sim.gone(child)
 
@@ -355,7 +447,12 @@ class Fcgipool(Policy):
             yield from queue  # type: ignore[misc]
 
     def tick(self) -> None:
+        """supervisor.py's tick (queue timeouts), and every check_interval the pending
+        project loads."""
         self.dispatcher.expire(self.sim.now)
+        self.ticks += 1
+        if self.pending and self.ticks % self.check_every == 0:
+            self._run_pending()
 
 
 class SharedSocket(Policy):
@@ -387,7 +484,7 @@ class SharedSocket(Policy):
             self.free(child)
 
     def finished(self, request: SimRequest, child: SimChild) -> None:
-        if child.limit and child.served >= child.limit:  # exits; a cold one replaces it
+        if child.limit and child.served >= child.limit:  # it exits; a cold one replaces it
             self.sim.stats.recycled += self.sim.counting()
             self.sim.respawn(child)
         else:
@@ -492,10 +589,15 @@ class RoundRobin(Policy):
         return itertools.chain.from_iterable(self.backlogs)
 
 
-POLICY_CLASSES: dict[str, Callable[[Simulation], Policy]] = {
-    "fcgipool": Fcgipool, "random-idle": RandomIdle, "round-robin": RoundRobin,
-    "first-idle": FirstIdle,
+PEERS: dict[str, Callable[[Simulation], Policy]] = {
+    "random-idle": RandomIdle, "round-robin": RoundRobin, "first-idle": FirstIdle,
 }  # fmt: skip
+
+
+def make_policy(sim: Simulation, name: str) -> Policy:
+    """``fcgipool``, ``fcgipool:section.key=value,...`` or a peer's name."""
+    base, _, settings = name.partition(":")
+    return Fcgipool(sim, settings) if base == "fcgipool" else PEERS[base](sim)
 
 
 # ---------------------------------------------------------------------------- simulation
@@ -510,9 +612,10 @@ class Simulation:
         self.heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self.seq = itertools.count()
         self.projects = make_projects(w)
-        self.weights = [1.0 / (i + 1) ** w.zipf for i in range(w.projects)]
-        self.cumulative = list(itertools.accumulate(self.weights))
-        self.warm_capacity, self.shared_capacity = capacities(w, self.projects, self.weights)
+        self.by_name = {project.name: project for project in self.projects}
+        weights = [1.0 / (i + 1) ** w.zipf for i in range(w.projects)]
+        self.cumulative = list(itertools.accumulate(weights))
+        self.warm_capacity, self.shared_capacity = capacities(w, self.projects, weights)
         self.rate = w.load * self.shared_capacity
         self.end = w.warmup + w.duration
         # Streams of their own, so that every policy sees the same arrivals and changes.
@@ -521,13 +624,12 @@ class Simulation:
         self.changes = random.Random(f"{w.seed}-changes")
         self.children_rng = random.Random(f"{w.seed}-children")
         self.stats = Stats()
-        self.open = 0  # measured requests not yet ended
+        self.open = 0  # measured requests not ended yet
         self.closed = False  # no more arrivals
         self.stopped = False
         self.names = itertools.count(1)
         self.everyone: list[SimChild] = []
-        name, _, settings = policy.partition(":")
-        self.policy = Fcgipool(self, settings) if name == "fcgipool" else POLICY_CLASSES[name](self)
+        self.policy = make_policy(self, policy)
 
     def clock(self) -> float:
         return self.now
@@ -545,15 +647,15 @@ class Simulation:
         for slot in range(w.children):  # all ready at 0, cold: the warm-up fills them
             child = self._child(slot)
             child.served = self.children_rng.randint(0, child.limit)  # started at other times
+            child.ready = True
             self.policy.add(child)
         singles = MIX if not w.bursty else (MIX[CAPS], 0.0, MIX[HEAVY])
         self.single_rate = self.rate * sum(singles)
         self.single_mix = list(itertools.accumulate(singles))
-        self.at(self.singles.expovariate(self.single_rate * 0.1), self._single)
+        self.at(self.singles.expovariate(self.single_rate * self.ramp()), self._single)
         if w.bursty:
-            mean_burst = sum(w.burst) / 2
-            self.burst_rate = self.rate * MIX[TILE] / mean_burst
-            self.at(self.bursts.expovariate(self.burst_rate * 0.1), self._burst)
+            self.burst_rate = self.rate * MIX[TILE] / (sum(w.burst) / 2)
+            self.at(self.bursts.expovariate(self.burst_rate * self.ramp()), self._burst)
         if w.changes_per_hour:
             self.at(self.changes.expovariate(w.changes_per_hour / 3600), self._change)
         if not self.policy.peer:
@@ -576,6 +678,13 @@ class Simulation:
         if isinstance(self.policy, Fcgipool):
             stats.max_class_queue = dict(self.policy.max_class)
         return stats
+
+    def ramp(self) -> float:
+        """The share of the full arrival rate now: from a tenth to all of it over the
+        warm-up, so that each policy reaches the steady state it can keep (cold children
+        under the full rate from the first second would drown any of them)."""
+        w = self.w
+        return 1.0 if self.now >= w.warmup else 0.1 + 0.9 * self.now / w.warmup
 
     def _close(self, _: Any) -> None:
         self.closed = True
@@ -612,13 +721,6 @@ class Simulation:
             self.open += 1
         return request
 
-    def ramp(self) -> float:
-        """The share of the full arrival rate now: from a tenth to all of it over the
-        warm-up, so that each policy reaches the steady state it can keep (cold children
-        under the full rate from the first second would drown any of them)."""
-        w = self.w
-        return 1.0 if self.now >= w.warmup else 0.1 + 0.9 * self.now / w.warmup
-
     def _single(self, _: Any) -> None:
         if self.closed:
             return
@@ -638,12 +740,14 @@ class Simulation:
         self.at(self.now + rng.expovariate(self.burst_rate * self.ramp()), self._burst)
 
     def _change(self, _: Any) -> None:
-        """An operator saves a project: every child holding it loads it again when next
-        asked for it."""
+        """An operator saves a project: a child that holds it loads it again when next
+        asked for it, unless the policy has it reloaded first."""
         if self.closed:
             return
-        self._project(self.changes).version += 1
+        proj = self._project(self.changes)
+        proj.version += 1
         self.stats.changes += self.counting()
+        self.policy.changed(proj.name)
         self.at(self.now + self.changes.expovariate(self.w.changes_per_hour / 3600), self._change)
 
     # ------------------------------------------------------------------ children
@@ -655,26 +759,58 @@ class Simulation:
         self.everyone.append(child)
         return child
 
-    def spawn(self, slot: int, replaces: SimChild | None = None) -> None:
-        """A new child for ``slot``: ready after QGIS starts (and would load a warm set;
-        none yet: fcgipool.projects is not there, so replacements start cold)."""
+    def spawn(self, slot: int, warm: list[str], stale: set[str],
+              replaces: SimChild | None = None) -> None:  # fmt: skip
+        """A new child for ``slot``: QGIS starts, loads ``warm`` one project at a time, then
+        takes traffic."""
         child = self._child(slot)
         child.replaces = replaces
-        self.at(self.now + self.children_rng.uniform(*STARTUP), self._ready, child)
+        child.warm_set = list(warm)
+        child.stale = stale & set(warm)
+        self.policy.started(child)
+        self.at(self.now + self.children_rng.uniform(*STARTUP), self._warm, child)
 
-    def _ready(self, child: SimChild) -> None:
-        self.policy.add(child)
+    def _warm(self, child: SimChild) -> None:
+        if not child.warm_set:
+            child.ready = True
+            self.policy.add(child)
+            return
+        name = child.warm_set.pop(0)
+        proj = self.by_name[name]
+        seconds = proj.base[CAPS]  # the warm-up request: its GetCapabilities
+        if child.cache.get(name) != proj.version:
+            seconds += proj.load
+            self._cache(child, proj)
+            self.stats.warm_loads += self.counting()
+        self.at(self.now + seconds, self._warmed, (child, name, seconds))
+
+    def _warmed(self, arg: tuple[SimChild, str, float]) -> None:
+        child, name, seconds = arg
+        self.policy.loaded(child, name, seconds)
+        self._warm(child)
+
+    def _cache(self, child: SimChild, proj: Project) -> None:
+        cache = child.cache
+        cache[proj.name] = proj.version
+        cache.move_to_end(proj.name)
+        if len(cache) > self.w.cache:
+            cache.popitem(last=False)
 
     def respawn(self, child: SimChild) -> None:
+        """``child`` is gone (crashed, or exited after max_requests): another starts."""
         self.gone(child)
-        self.spawn(child.slot)
+        warm, stale = self.policy.successor(child)
+        self.spawn(child.slot, warm, stale)
 
     def gone(self, child: SimChild) -> None:
         child.alive = False
 
     def queued(self, length: int) -> None:
-        if length > self.stats.max_queue and self.counting():
-            self.stats.max_queue = length
+        stats = self.stats
+        if self.now < self.w.warmup:
+            stats.warmup_max_queue = max(stats.warmup_max_queue, length)
+        elif length > stats.max_queue and self.now < self.end:
+            stats.max_queue = length
 
     # ------------------------------------------------------------------ requests
 
@@ -687,22 +823,16 @@ class Simulation:
         if self.policy.peer and not request.outcome and now - request.created > PEER_TIMEOUT:
             self.resolve(request, "waited_out", PEER_TIMEOUT)  # the child works for nobody
         proj = request.proj
-        cache = child.cache
         seconds = request.service
         counting = self.w.warmup <= now < self.end
-        if cache.get(proj.name) == proj.version:
-            cache.move_to_end(proj.name)
-            if counting:
-                self.stats.hits += 1
+        if child.cache.get(proj.name) == proj.version:
+            child.cache.move_to_end(proj.name)
+            self.stats.hits += counting
         else:
-            cache[proj.name] = proj.version
-            cache.move_to_end(proj.name)
-            if len(cache) > self.w.cache:
-                cache.popitem(last=False)
+            self._cache(child, proj)
             seconds += proj.load
-            if counting:
-                self.stats.misses += 1
-                self.stats.loads += 1
+            self.stats.misses += counting
+            self.stats.loads += counting
         crash = request.crash if not request.retried else (
             self.children_rng.random() < self.w.crash_rate)  # fmt: skip
         if crash:
@@ -723,23 +853,19 @@ class Simulation:
         child = request.child
         assert child is not None
         request.child = None
-        self.stats.crashes += self.counting()
         child.alive = False
-        if request.outcome:  # a peer's request that nginx had given up on
-            self.respawn(child)
-            if isinstance(self.policy, RoundRobin):
-                self.policy.slots[child.slot] = None
-            return
+        self.stats.crashes += self.counting()
         self.policy.crashed(request, child)
 
     def resolve(self, request: SimRequest, outcome: str, latency: float | None = None) -> None:
         """Every request ends here, once: served, refused, waited out or lost."""
         assert not request.outcome, (request.outcome, outcome)
         request.outcome = outcome
+        stats = self.stats
         if not request.measured:
+            stats.warmup_failed += outcome != "served" and self.now < self.w.warmup
             return
         self.open -= 1
-        stats = self.stats
         setattr(stats, outcome, getattr(stats, outcome) + 1)
         if outcome == "waited_out" and latency is None:
             latency = self.now - request.created
@@ -767,8 +893,10 @@ def summary(w: Workload, policy: str, stats: Stats, cpu: float) -> dict[str, Any
         "requests": stats.generated, "served": stats.served, "refused": stats.refused,
         "waited_out": stats.waited_out, "lost": stats.lost, "unfinished": stats.unfinished,
         "hit_rate": round(stats.hits / looked, 4) if looked else None,
-        "loads_per_hour": round(stats.loads / hours),
+        "loads_per_hour": round((stats.loads + stats.warm_loads) / hours),
+        "warm_loads_per_hour": round(stats.warm_loads / hours),
         "max_queue": stats.max_queue, "max_class_queue": stats.max_class_queue,
+        "warmup_failed": stats.warmup_failed, "warmup_max_queue": stats.warmup_max_queue,
         "max_remembered": stats.max_remembered, "crashes": stats.crashes,
         "recycled": stats.recycled, "changes": stats.changes, "cpu_s": round(cpu, 1),
     }  # fmt: skip
@@ -800,9 +928,17 @@ def simulate(w: Workload, policies: Iterable[str] = POLICIES) -> list[dict[str, 
 
 
 def workloads(quick: bool, children: list[int], seed: int) -> list[Workload]:
-    timing = {"warmup": 20.0, "duration": 60.0} if quick else {}
+    default = Workload()
+    warmup, duration = (60.0, 60.0) if quick else (default.warmup, default.duration)
     return [
-        Workload(name=name, children=n, bursty=name == "bursty", seed=seed, **timing)
+        Workload(
+            name=name,
+            children=n,
+            bursty=name == "bursty",
+            seed=seed,
+            warmup=warmup,
+            duration=duration,
+        )
         for name in ("steady", "bursty")
         for n in children
     ]
@@ -817,23 +953,29 @@ def _ms(value: float | None) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| workload | children | policy | hit rate | loads/h | GetCapabilities p50/p99 ms "
             "| tile p50/p99 ms | heavy p50/p99 ms | served | refused 503 | waited out "
-            "| lost | max queue |")  # fmt: skip
-    lines = [head, "|" + "---|" * 3 + "---:|" * 10]
+            "| lost | max queue | warm-up failed |")  # fmt: skip
+    lines = [head, "|" + "---|" * 3 + "---:|" * 11]
     for r in rows:
         kinds = [f"{_ms(r[f'{k}_p50_ms'])} / {_ms(r[f'{k}_p99_ms'])}" for k in KINDS]
         hit = f"{r['hit_rate'] * 100:.1f} %" if r["hit_rate"] is not None else "-"
         lines.append(
             f"| {r['workload']} | {r['children']} | {r['policy']} | {hit} "
             f"| {r['loads_per_hour']:,} | {' | '.join(kinds)} | {r['served']:,} "
-            f"| {r['refused']:,} | {r['waited_out']:,} | {r['lost']:,} | {r['max_queue']:,} |"
+            f"| {r['refused']:,} | {r['waited_out']:,} | {r['lost']:,} | {r['max_queue']:,} "
+            f"| {r['warmup_failed']:,} |"
         )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- plot
 
-COLOURS = {"fcgipool": "#1f77b4", "random-idle": "#d62728", "round-robin": "#ff7f0e",
-           "first-idle": "#7f7f7f"}  # fmt: skip
+COLOURS = {
+    "fcgipool": "#1f77b4",
+    "fcgipool:projects.memory=100": "#17becf",
+    "random-idle": "#d62728",
+    "round-robin": "#ff7f0e",
+    "first-idle": "#7f7f7f",
+}
 
 
 def svg(rows: list[dict[str, Any]]) -> str:
@@ -860,12 +1002,13 @@ def svg(rows: list[dict[str, Any]]) -> str:
             x = left + g * (len(policies) * bar + gap) + gap / 2
             for p, policy in enumerate(policies):
                 row = by.get((workload, children, policy))
-                fraction = value(row) if row is not None else None
-                if fraction is None:
+                share = None if row is None else value(row)
+                if share is None:
                     continue
-                h = height * max(0.0, min(1.0, fraction))
+                h = height * max(0.0, min(1.0, share))
+                colour = COLOURS.get(policy, "#000")
                 out.append(f'<rect x="{x + p * bar:.1f}" y="{y0 + height - h:.1f}" '
-                           f'width="{bar - 2}" height="{h:.1f}" fill="{COLOURS.get(policy, "#000")}">'
+                           f'width="{bar - 2}" height="{h:.1f}" fill="{colour}">'
                            f'<title>{policy}</title></rect>')  # fmt: skip
             out.append(f'<text x="{x + len(policies) * bar / 2:.1f}" y="{y0 + height + 14}" '
                        f'text-anchor="middle">{workload} {children}</text>')  # fmt: skip
@@ -876,13 +1019,19 @@ def svg(rows: list[dict[str, Any]]) -> str:
 
     panel(top, "Project cache hit rate", lambda r: r["hit_rate"],
           [(i / 4, f"{i * 25} %") for i in range(5)])  # fmt: skip
-    panel(top + height + 70, "Tile p99 (log scale; 30 s = timeouts)", log_p99,
-          [(i / 4, label) for i, label in enumerate(("10 ms", "100 ms", "1 s", "10 s", "100 s"))])
+    panel(
+        top + height + 70,
+        "Tile p99 (log scale; 30 s = timeouts)",
+        log_p99,
+        [(i / 4, label) for i, label in enumerate(("10 ms", "100 ms", "1 s", "10 s", "100 s"))],
+    )
     y = 2 * height + 170
-    for p, policy in enumerate(policies):
-        x = left + p * 120
-        out.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{COLOURS.get(policy)}"/>')
+    x = left
+    for policy in policies:
+        colour = COLOURS.get(policy, "#000")
+        out.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
         out.append(f'<text x="{x + 14}" y="{y}">{policy}</text>')
+        x += 30 + 6 * len(policy)
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -892,7 +1041,7 @@ def svg(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20 s warm-up, 60 s counted")
+    parser.add_argument("--quick", action="store_true", help="60 s warm-up, 60 s counted")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, help="write an SVG plot of the results")
     parser.add_argument("--from", dest="source", type=Path, help="plot this JSON, run nothing")
@@ -916,16 +1065,20 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "command": "python bench/simulate.py " + " ".join(argv or sys.argv[1:]),
             "cpu_s": round(time.process_time() - began, 1),
-            "workload": asdict(Workload()) | {"mix": dict(zip(KINDS, MIX, strict=True))},
-            "warm_sets": "none: fcgipool.projects is not on main yet, replacements start cold",
-            "project_changes": "every policy reloads lazily, on the next request",
+            "workload": asdict(workloads(args.quick, children, args.seed)[0])
+            | {"mix": dict(zip(KINDS, MIX, strict=True))},
+            "warm_sets": WARM_SETS,
+            "project_changes": CHANGES,
             "rows": rows,
         }
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(document, indent=1) + "\n")
     print(table(document["rows"]))
-    print(f"\nwarm sets: {document['warm_sets']}; CPU: {document['cpu_s']} s")
+    print(
+        f"\nwarm sets: {document['warm_sets']}\nproject changes: {document['project_changes']}"
+        f"\nCPU: {document['cpu_s']} s"
+    )
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         args.plot.write_text(svg(document["rows"]))
