@@ -4,25 +4,29 @@ Why a simulation: this machine has 2 cores, a hosting site runs hundreds of QGIS
 What decides latency there is where each request goes (which child holds its project, what
 waits behind what), and that is the pool's decision code, which runs here unchanged: the real
 ``Dispatcher`` (admission by predicted wait, queues in cost order, protection of short
-requests, affinity by ``child.projects``), the real ``CostModel`` learning from what the
-simulated children take, and the real ``Classifier``/``Admission`` giving each request its
-class and kind from its query string. Only the children, the clock and the arrivals are
-simulated: a clock and an event heap of its own (no asyncio, no sockets, no sleep).
+requests, affinity by ``child.projects``), ``CostModel`` (learning from what the simulated
+children take), ``Classifier`` and ``Admission`` (class and kind from the query string) and
+``Projects`` (warm sets). Only the children, the clock and the arrivals are simulated: a
+clock and an event heap of its own (no asyncio, no sockets, no sleep).
 
 A simulated child keeps a QGIS-like project cache (QGIS 3.22: up to 100 projects a process,
 least recently used dropped; ``--cache``): a request whose project it does not hold, or holds
 in an older version, pays the project's load first. Times follow measured QGIS figures:
 GetCapabilities of a loaded project 2-10 ms, a 256² tile 20-100 ms, a heavy GetMap 1-5 s
 (log-normal noise, a long tail), project loads log-normal around 1 s within [0.1, 120] s,
-drawn once per project.
+drawn once per project. Requests: 10 % GetCapabilities, 86 % tiles, 4 % heavy, of projects
+of Zipf popularity (s = 1.05), Poisson arrivals (``steady``) or tiles in map-viewer bursts
+of 16-40 at once (``bursty``), at 70 % of what children serve when they share the load
+blindly (``capacities``). Children recycle after max_requests (with jitter), crash now and
+then, and projects change a few times an hour.
 
-Policies, over the same arrivals (same seed): ``fcgipool`` (the real dispatcher, default
-configuration); ``random-idle`` (one shared socket: any idle child takes the next request,
-spawn-fcgi + multiwatch); ``round-robin`` (one socket per child, requests in turn whatever
-the child is doing, nginx upstream round-robin, the position of mod_fcgid's per-socket set-up
-in the benchmarks); ``first-idle`` (the first idle child, no project knowledge, php-fpm or
-uWSGI). The peers' queues are unbounded FIFOs; a request that waits longer than 30 s there is
-a timeout (nginx gave up; the child still does the work when it gets to it).
+Policies, over the same arrivals (same seed): ``fcgipool`` (the default configuration;
+``fcgipool:projects.memory=100`` any setting changed), and its peers, whose queues are
+unbounded FIFOs where a request that waits 30 s is a timeout (nginx gave up; the child still
+does the work when it gets to it): ``random-idle`` (one shared socket, any idle child takes
+the next request: spawn-fcgi + multiwatch), ``round-robin`` (one socket per child, each
+request to the next in turn however busy it is: nginx round-robin, roughly mod_fcgid),
+``first-idle`` (the first idle child, no project knowledge: php-fpm, uWSGI).
 
     python bench/simulate.py [--quick] [--out docs/bench/simulate.json] [--plot FILE.svg]
     python bench/simulate.py --from docs/bench/simulate.json --plot docs/bench/simulate.svg
@@ -42,7 +46,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +59,6 @@ from fcgipool.costs import CostModel
 from fcgipool.dispatch import Dispatcher
 from fcgipool.projects import Projects
 
-REPO = Path(__file__).resolve().parent.parent
 KINDS = ("GetCapabilities", "tile", "heavy")
 CAPS, TILE, HEAVY = 0, 1, 2
 MIX = (0.10, 0.86, 0.04)  # share of requests of each kind (a hosting site: mostly tiles)
@@ -248,6 +251,7 @@ class Stats:
     warmup_max_queue: int = 0
     max_class_queue: dict[str, int] = field(default_factory=dict)  # the whole run
     max_remembered: int = 0  # the most projects the pool remembered for one child
+    dispatch_us: float = 0.0  # fcgipool: CPU of admission and dispatch per request
     latencies: list[list[float]] = field(default_factory=lambda: [[], [], []])
 
 
@@ -337,12 +341,17 @@ class Fcgipool(Policy):
         self.pending: deque[tuple[SimChild, str]] = deque()  # holders of changed projects
         self.ticks = 0
         self.check_every = max(1, round(config.projects.check_interval / TICK))
+        self.cpu = 0.0  # seconds in admission and dispatcher.submit/released/child_idle
+        self.submitted = 0
 
     def submit(self, request: SimRequest, first: bool = False) -> None:
+        began = time.perf_counter()
         if not first:
+            self.submitted += 1
             refusal = self.admission.admit(request, None)  # type: ignore[arg-type]
             assert refusal is None, refusal
         self.dispatcher.submit(request, first)  # type: ignore[arg-type]
+        self.cpu += time.perf_counter() - began
         if not request.outcome and request.child is None:
             request.queued = True
             total = 0
@@ -366,11 +375,13 @@ class Fcgipool(Policy):
                 self._retire(old)
 
     def finished(self, request: SimRequest, child: SimChild) -> None:
+        began = time.perf_counter()
         request.finished_by_child = True
         self.dispatcher.released(request)  # type: ignore[arg-type]
         if child.limit and child.served >= child.limit:
             self._recycle(child)
         self._free(child)
+        self.cpu += time.perf_counter() - began
 
     def crashed(self, request: SimRequest, child: SimChild) -> None:
         """children.py forgets the dead child and starts another (its warm set from what
@@ -677,6 +688,7 @@ class Simulation:
         stats.max_remembered = max(len(child.projects) for child in self.everyone)
         if isinstance(self.policy, Fcgipool):
             stats.max_class_queue = dict(self.policy.max_class)
+            stats.dispatch_us = 1e6 * self.policy.cpu / max(1, self.policy.submitted)
         return stats
 
     def ramp(self) -> float:
@@ -899,6 +911,7 @@ def summary(w: Workload, policy: str, stats: Stats, cpu: float) -> dict[str, Any
         "warmup_failed": stats.warmup_failed, "warmup_max_queue": stats.warmup_max_queue,
         "max_remembered": stats.max_remembered, "crashes": stats.crashes,
         "recycled": stats.recycled, "changes": stats.changes, "cpu_s": round(cpu, 1),
+        "dispatch_us_per_request": round(stats.dispatch_us, 1) if stats.dispatch_us else None,
     }  # fmt: skip
     for k, kind in enumerate(KINDS):
         for q in (0.5, 0.99):
@@ -927,20 +940,18 @@ def simulate(w: Workload, policies: Iterable[str] = POLICIES) -> list[dict[str, 
     return rows
 
 
-def workloads(quick: bool, children: list[int], seed: int) -> list[Workload]:
-    default = Workload()
-    warmup, duration = (60.0, 60.0) if quick else (default.warmup, default.duration)
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    """The steady and the bursty site at each child count, as the command line says."""
+    names = args.workloads.split(",")
+    if not set(names) <= {"steady", "bursty"}:
+        raise SystemExit(f"--workloads: steady and/or bursty, not {args.workloads}")
+    base = Workload(seed=args.seed, cache=args.cache, load=args.load)
+    if args.quick:
+        base = replace(base, warmup=60.0, duration=60.0)
     return [
-        Workload(
-            name=name,
-            children=n,
-            bursty=name == "bursty",
-            seed=seed,
-            warmup=warmup,
-            duration=duration,
-        )
-        for name in ("steady", "bursty")
-        for n in children
+        replace(base, name=name, children=int(n), bursty=name == "bursty")
+        for name in names
+        for n in args.children.split(",")
     ]
 
 
@@ -1049,24 +1060,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--workloads", default="steady,bursty")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=int, default=Workload.cache, help="projects a child keeps")
+    parser.add_argument("--load", type=float, default=Workload.load, help="of the shared capacity")
     args = parser.parse_args(argv)
     if args.source is not None:
         document = json.loads(args.source.read_text())
     else:
-        children = [int(n) for n in args.children.split(",")]
-        chosen = args.workloads.split(",")
         rows: list[dict[str, Any]] = []
         began = time.process_time()
-        for w in workloads(args.quick, children, args.seed):
-            if w.name in chosen:
-                rows += simulate(w, args.policies.split(","))
-                print(f"{w.name} {w.children}: {rows[-1]['cpu_s']} s CPU (last policy)",
-                      file=sys.stderr)  # fmt: skip
+        chosen = workloads(args)
+        for w in chosen:
+            rows += simulate(w, args.policies.split(","))
+            print(f"{w.name} {w.children}: {time.process_time() - began:.0f} s CPU so far",
+                  file=sys.stderr)  # fmt: skip
         document = {
             "command": "python bench/simulate.py " + " ".join(argv or sys.argv[1:]),
             "cpu_s": round(time.process_time() - began, 1),
-            "workload": asdict(workloads(args.quick, children, args.seed)[0])
-            | {"mix": dict(zip(KINDS, MIX, strict=True))},
+            "workload": asdict(chosen[0]) | {"mix": dict(zip(KINDS, MIX, strict=True))},
             "warm_sets": WARM_SETS,
             "project_changes": CHANGES,
             "rows": rows,
