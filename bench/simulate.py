@@ -421,14 +421,18 @@ class Fcgipool(Policy):
         self._run_pending()
 
     def _run_pending(self) -> None:
-        while self.pending:
-            child, project = self.pending[0]
-            if not (child.alive and child.ready) or child.retiring or project not in child.stale:
-                self.pending.popleft()  # gone, being replaced, or a request loaded it
+        """children.py's ``run_pending`` in a fixed pool: the next holder that is ready is
+        replaced (one starting is passed over until it is ready)."""
+        for entry in list(self.pending):
+            child, project = entry
+            if not child.alive or child.retiring or project not in child.stale:
+                self.pending.remove(entry)  # gone, being replaced, or a request loaded it
                 continue
+            if not child.ready:
+                continue  # it was loading its warm set when the file changed
             if self.recycling >= self.max_recycling:
                 return  # the next one when this replacement is ready
-            self.pending.popleft()
+            self.pending.remove(entry)
             self._recycle(child)
             return
 
@@ -444,8 +448,10 @@ class Fcgipool(Policy):
     def _free(self, child: SimChild) -> None:
         if child.replaced:
             self._retire(child)
-        else:
-            self.dispatcher.child_idle(child)  # type: ignore[arg-type]
+            return
+        if self.pending and any(entry[0] is child for entry in self.pending):
+            self._run_pending()
+        self.dispatcher.child_idle(child)  # type: ignore[arg-type]
 
     def _retire(self, child: SimChild) -> None:
         self.dispatcher.forget(child)  # type: ignore[arg-type]
