@@ -1003,7 +1003,7 @@ def svg(rows: list[dict[str, Any]]) -> str:
     by = {(r["workload"], r["children"], r["policy"]): r for r in rows}
     bar, gap, left, top, height = 12, 18, 60, 40, 200
     width = left + len(groups) * (len(policies) * bar + gap) + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{2 * height + 190}"'
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="HEIGHT"'
            ' font-family="sans-serif" font-size="11">',
            '<rect width="100%" height="100%" fill="white"/>']  # fmt: skip
 
@@ -1042,13 +1042,16 @@ def svg(rows: list[dict[str, Any]]) -> str:
         log_p99,
         [(i / 4, label) for i, label in enumerate(("10 ms", "100 ms", "1 s", "10 s", "100 s"))],
     )
-    y = 2 * height + 170
-    x = left
-    for policy in policies:
+    x, y = left, 2 * height + 170
+    for policy in policies:  # the legend, in as many lines as it takes
+        step = 30 + 6 * len(policy)
+        if x > left and x + step > width:
+            x, y = left, y + 18
         colour = COLOURS.get(policy, "#000")
         out.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
         out.append(f'<text x="{x + 14}" y="{y}">{policy}</text>')
-        x += 30 + 6 * len(policy)
+        x += step
+    out[0] = out[0].replace("HEIGHT", str(y + 20))
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
