@@ -21,7 +21,7 @@ blindly (``capacities``). Children recycle after max_requests (with jitter), cra
 then, and projects change a few times an hour.
 
 Policies, over the same arrivals (same seed): ``fcgipool`` (the default configuration;
-``fcgipool:projects.memory=100`` any setting changed), and its peers, whose queues are
+``fcgipool:projects.memory=5`` any setting changed), and its peers, whose queues are
 unbounded FIFOs where a request that waits 30 s is a timeout (nginx gave up; the child still
 does the work when it gets to it): ``random-idle`` (one shared socket, any idle child takes
 the next request: spawn-fcgi + multiwatch), ``round-robin`` (one socket per child, each
@@ -78,7 +78,7 @@ CHANGES = (
     "and is replaced, one at a time, by a child that loads it first; the peers' "
     "children load it again on their next request of it"
 )
-POLICIES = ("fcgipool", "fcgipool:projects.memory=100", "random-idle", "round-robin", "first-idle")
+POLICIES = ("fcgipool", "fcgipool:projects.memory=5", "random-idle", "round-robin", "first-idle")
 
 
 @dataclass
@@ -185,10 +185,33 @@ class SimRequest:
     """A request as the dispatcher sees one (the attributes of fcgipool.request.Request it
     reads and writes), and what the simulation knows of it."""
 
-    __slots__ = ("child", "cost", "counted", "crash", "created", "finished_by_child", "kind",
-                 "kind_index", "lane", "long", "measured", "outcome", "params", "proj",
-                 "project", "queued", "queued_at", "request_class", "retried", "service",
-                 "sim", "started", "timeout", "uri")  # fmt: skip
+    __slots__ = (
+        "child",
+        "cold",
+        "cost",
+        "counted",
+        "crash",
+        "created",
+        "finished_by_child",
+        "kind",
+        "kind_index",
+        "lane",
+        "long",
+        "measured",
+        "outcome",
+        "params",
+        "proj",
+        "project",
+        "queued",
+        "queued_at",
+        "request_class",
+        "retried",
+        "service",
+        "sim",
+        "started",
+        "timeout",
+        "uri",
+    )  # fmt: skip
 
     def __init__(self, sim: Simulation, proj: Project, k: int, service: float,
                  crash: bool, measured: bool) -> None:  # fmt: skip
@@ -209,6 +232,7 @@ class SimRequest:
         self.lane = 0
         self.long = False
         self.finished_by_child = False
+        self.cold = False
         self.created = sim.now
         self.started = 0.0
         self.queued_at = 0.0
@@ -988,7 +1012,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 COLOURS = {
     "fcgipool": "#1f77b4",
-    "fcgipool:projects.memory=100": "#17becf",
+    "fcgipool:projects.memory=5": "#17becf",
     "random-idle": "#d62728",
     "round-robin": "#ff7f0e",
     "first-idle": "#7f7f7f",

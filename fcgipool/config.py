@@ -553,10 +553,11 @@ class ProjectsSection(_Section):
         "QGIS_PROJECT_FILE, when nginx sets one, names it too.",
     )
     memory: int = Field(
-        default=5,
+        default=100,
         ge=0,
         description="Projects remembered per child: a request goes to an idle child that "
-        "served its project recently (its project cache is warm); 0 turns affinity off.",
+        "served its project recently (its project cache is warm); 0 turns affinity off. "
+        "Match the children's own cache: QGIS Server keeps up to 100 projects a process.",
     )
     pinned: list[str] = Field(
         default_factory=list,
@@ -585,7 +586,7 @@ class ProjectsSection(_Section):
         "one child at a time, out of rotation; 0 turns the checks off.",
     )
     warm_budget: float = Field(
-        default=60.0,
+        default=30.0,
         ge=0,
         description="Seconds of learned load time a new child spends, before it takes "
         "traffic, loading the projects its predecessor held (most requested first, at most "

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logs.get("fcgipool.dispatch")
 
+PICK_SAMPLE = 4  # idle children weighed against each other for a project none holds
 AFFINITY_LOOKAHEAD = 8  # waiting requests looked at for one whose project a child holds
 AFFINITY_MAX_WAIT = 2.0  # seconds; a head that waited longer is never passed over
 LANES = 16  # cost lanes of a queue: lane n holds predicted costs of 2**(n-1) to 2**n ms
@@ -311,7 +312,7 @@ class Dispatcher:
             seconds = self.clock() - request.started
             self.costs.learn(request.kind, request.request_class, seconds)
             if request.project:
-                self.projects.finished(request.project, seconds)
+                self.projects.finished(request.project, seconds, request.cold, request.cost)
         if self.max_per_client:
             client = request.params.get(self.client_param, b"")
             self.clients[client] -= 1
@@ -484,12 +485,14 @@ class Dispatcher:
                 self.short_work += request.cost if request.cost > 0.001 else 0.001
         if self.max_per_client:
             self.clients[request.params.get(self.client_param, b"")] += 1
-        request.start(self._pick(request.project))
+        request.start(self._pick(request))
 
-    def _pick(self, project: str) -> Child:
-        """The idle child for a request of ``project``: one that served it recently, else
-        the one whose remembered projects are least in demand; the warmest otherwise."""
+    def _pick(self, request: Request) -> Child:
+        """The idle child for ``request``: one that served its project recently, else the
+        one whose remembered projects are least in demand (of the PICK_SAMPLE least
+        recently used: a bound on the work); the warmest otherwise."""
         idle = self.idle
+        project = request.project
         if not project:
             return idle.pop()
         if not self.memory:
@@ -503,13 +506,15 @@ class Dispatcher:
                     break
             else:
                 demand = self.projects.demand
-                fresh = [c for c in reversed(idle) if project not in c.stale]  # see projects.md
-                chosen = min(fresh or reversed(idle), key=lambda c: sum(map(demand, c.projects)))
+                sample = idle[:PICK_SAMPLE]
+                fresh = [c for c in sample if project not in c.stale]  # see projects.md
+                chosen = min(fresh or sample, key=lambda c: sum(map(demand, c.projects)))
             idle.remove(chosen)
         else:
             chosen = idle.pop()
         projects = chosen.projects
         if project not in projects:
+            request.cold = True
             self.projects.loaded_by_request(project)
         remember(projects, project, self.memory)
         chosen.stale.discard(project)  # it loads the file as it is now

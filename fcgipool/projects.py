@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 LOAD_WEIGHT = 0.3  # of the newest load in a project's learned load time (an EWMA)
 MAX_PROJECTS = 10_000  # projects remembered; the least requested unheld ones go first
 CHECK_BATCH = 512  # files stat()ed per check at most: a bound on the loop's time
+UNKNOWN_LOAD = 1.0  # seconds a load is assumed to take until one is measured
 RECENT = 32  # request durations kept per project, for its p90
 Version = tuple[int, int, int]  # mtime_ns, size, inode
 
@@ -115,12 +116,16 @@ class Projects:
         """A request for ``path`` went to a child."""
         self.seen(path).requests += 1
 
-    def finished(self, path: str, seconds: float) -> None:
-        """A child answered a request for ``path`` in ``seconds``."""
+    def finished(self, path: str, seconds: float, cold: bool = False, cost: float = 0.0) -> None:
+        """A child answered a request for ``path`` in ``seconds``; if it had to load the
+        project first (``cold``), what it took beyond the request's predicted ``cost`` is
+        the load time, learned until a warm-up measures it."""
         project = self.by_path.get(path)
         if project is not None:
             project.seconds += seconds
             project.recent.append(seconds)
+            if cold and not project.load_seconds and seconds > cost:
+                project.load_seconds = seconds - cost
 
     def loaded_by_request(self, path: str) -> None:
         """A request goes to a child that does not hold ``path``: it loads it (unless QGIS
@@ -160,7 +165,7 @@ class Projects:
         """What a child replacing one that held ``held`` loads before it takes traffic:
         those projects most requested first, at most ``projects.memory`` of them and as many
         as fit in ``projects.warm_budget`` seconds of learned load time (a project whose
-        load time is unknown counts as free; a project alone above the budget is skipped).
+        load time is unknown counts as UNKNOWN_LOAD; one alone above the budget is skipped).
         Pinned, dropped and missing projects are not in it (the pinned are loaded anyway).
         With nothing held (a child added by scaling), the pool's most requested projects."""
         pinned = set(self.pinned())
@@ -181,9 +186,10 @@ class Projects:
         for project in candidates:
             if len(chosen) >= self.memory:
                 break
-            if project.load_seconds > budget:
+            seconds = project.load_seconds or UNKNOWN_LOAD
+            if seconds > budget:
                 continue
-            budget -= project.load_seconds
+            budget -= seconds
             chosen.append(project.path)
         return chosen
 

@@ -162,6 +162,7 @@ class Request:
         "body_size",
         "bytes_out",
         "child",
+        "cold",
         "connection",
         "cost",
         "counted",
@@ -220,6 +221,7 @@ class Request:
         self.lane = 0  # its queue lane, by cost
         self.long = False  # predicted long (tuning.long_request)
         self.finished_by_child = False  # its child's time is its kind's cost
+        self.cold = False  # its child did not hold its project: it loaded it first
         self.served_by = 0  # pid of the (last) child that had it
 
     def __repr__(self) -> str:

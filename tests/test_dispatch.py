@@ -38,6 +38,7 @@ class FakeRequest:
         self.lane = 0
         self.long = False
         self.finished_by_child = False
+        self.cold = False
         self.started = 0.0
         self.created = 0.0
         self.child: FakeChild | None = None

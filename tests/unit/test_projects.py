@@ -291,3 +291,16 @@ def test_a_stop_during_a_refresh_starts_nothing_more(harness, tmp_path):
     h.pool.stop(fast=False)
     assert h.wait_stopped(30) == 0
     assert len(h.processes.started) == started
+
+
+def test_a_visitors_cold_request_teaches_the_load_time_and_the_budget_counts_unknown_loads(
+        harness, tmp_path):
+    h = harness({"pool": {"workers": 1}, "projects": {"warm_budget": 2.5}})
+    slow, *others = projects(tmp_path, "slow", "a", "b", "c")
+    h.processes.project_loads = {slow: LOAD}
+    assert h.get(query(slow)).status == 200  # cold: the visitor waits for the load
+    assert h.get(query(slow)).status == 200  # warm
+    assert abs(h.pool.projects.by_path[slow].load_seconds - LOAD) < 0.01
+    for path in others:  # loads never measured (fake loads take no time): 1 s each
+        h.pool.projects.seen(path).requests += 10
+    assert h.pool.projects.warm_set([slow, *others]) == others[:2]

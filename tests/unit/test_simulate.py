@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import simulate
 
+from fcgipool import config
+
 SMALL = {"children": 16, "projects": 200, "cache": 10, "warmup": 60.0, "duration": 120.0,
          "max_requests": 100, "max_requests_jitter": 50, "crash_rate": 5e-3,
          "changes_per_hour": 120.0}  # fmt: skip
@@ -63,7 +65,7 @@ def test_the_bound_is_reached_when_bursts_overflow_it():
 
 
 def test_the_pool_remembers_at_most_projects_memory_per_child(rows):
-    assert 0 < rows["fcgipool"]["max_remembered"] <= 5
+    assert 0 < rows["fcgipool"]["max_remembered"] <= config.Config().projects.memory
     assert rows["fcgipool:projects.memory=0"]["max_remembered"] == 0
 
 
