@@ -16,10 +16,10 @@ peer): the honest worst case for affinity, since no project is hot, nothing fits
 20 slots).
 
 Peers, each behind its own web server as ``common.make_setups`` sets them up: fcgipool with
-the default ``[projects] memory = 5`` (affinity on) and ``parameter = "project"`` (the fault
-app's name for it; QGIS uses MAP, the default); ``fcgipool no affinity``, the same with
-``memory = 0``; spawn-fcgi+multiwatch on one shared socket; nginx round-robin over one socket
-per child; Apache mod_fcgid (Apache itself the web server).
+``[projects] memory = 5`` (the fault child's cache size; affinity on) and ``parameter =
+"project"`` (the fault app's name for it; QGIS uses MAP, the default); ``fcgipool no
+affinity``, the same with ``memory = 0``; spawn-fcgi+multiwatch on one shared socket; nginx
+round-robin over one socket per child; Apache mod_fcgid (Apache itself the web server).
 
 Load: the bounded Python client ``common.run_load`` (16 closed-loop clients on kept-alive
 HTTP/1.1 connections), so that the hit rate can be read from the answers; 16 clients keep the
