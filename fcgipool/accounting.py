@@ -42,9 +42,8 @@ class Accounting:
         self.observe(request.status, request.request_class, duration, wait, request.bytes_out)
         if self.access_log:
             get = request.params.get
-            request_id = get(b"REQUEST_ID") or get(b"HTTP_X_REQUEST_ID")
             logs.access((
-                request_id.decode("latin-1") if request_id else str(self.requests_served),
+                request.id,
                 get(b"REMOTE_ADDR", b"").decode("latin-1"),
                 get(b"REQUEST_METHOD", b"").decode("latin-1"),
                 request.uri,

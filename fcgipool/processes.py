@@ -66,9 +66,10 @@ class _OutputLines(asyncio.Protocol):
     floods its stderr must not flood the pool's log or its loop."""
 
     def __init__(
-        self, pid: int, stream: str, enabled: bool, rate: float, clock: Callable[[], float]
+        self, child: Child, stream: str, enabled: bool, rate: float, clock: Callable[[], float]
     ) -> None:
-        self.pid, self.stream, self.enabled = pid, stream, enabled
+        self.child = child
+        self.pid, self.stream, self.enabled = child.pid, stream, enabled
         self.partial = b""
         self.rate = rate
         self.tokens = self.burst = rate * 10
@@ -98,7 +99,12 @@ class _OutputLines(asyncio.Protocol):
         if self.suppressed:
             log.warning("child_output_suppressed", pid=self.pid, lines=self.suppressed)
             self.suppressed = 0
-        log.info("child_output", pid=self.pid, stream=self.stream, line=text)
+        request = self.child.request  # one at a time: the line is about the one it serves
+        if request is None:
+            log.info("child_output", pid=self.pid, stream=self.stream, line=text)
+        else:
+            log.info("child_output", pid=self.pid, stream=self.stream, line=text,
+                     request=request.id, uri=request.uri)  # fmt: skip
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.partial:
@@ -176,9 +182,7 @@ class OsProcesses:
             measured = psutil.Process(popen.pid)
         process = self._processes[popen.pid] = _Process(popen, measured)
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            lines = _OutputLines(
-                popen.pid, stream, self.log_output, self.output_rate, self.loop.time
-            )
+            lines = _OutputLines(child, stream, self.log_output, self.output_rate, self.loop.time)
             process.readers.append(
                 self.loop.create_task(self.loop.connect_read_pipe(partial(_same, lines), pipe))
             )

@@ -146,6 +146,7 @@ class Context:
     children: Children
     accounting: Accounting
     buffered: int = 0  # request bytes held by every request until a child takes them
+    numbered: int = 0  # requests received so far: each one's number
 
 
 class Request:
@@ -174,6 +175,7 @@ class Request:
         "kind",
         "lane",
         "long",
+        "number",
         "params",
         "project",
         "queued_at",
@@ -189,6 +191,8 @@ class Request:
 
     def __init__(self, front: FrontConnection, request_id: int, keep_conn: bool, ctx: Context):
         self.ctx = ctx
+        ctx.numbered += 1
+        self.number = ctx.numbered
         self.front = front
         self.request_id = request_id
         self.keep_conn = keep_conn
@@ -223,6 +227,15 @@ class Request:
         self.finished_by_child = False  # its child's time is its kind's cost
         self.cold = False  # its child did not hold its project: it loaded it first
         self.served_by = 0  # pid of the (last) child that had it
+
+    @property
+    def id(self) -> str:
+        """The web server's request id (fastcgi_param REQUEST_ID $request_id, or an
+        X-Request-Id header), else the pool's number for it: in the access log and in the
+        lines a child writes while it serves it."""
+        get = self.params.get
+        named = get(b"REQUEST_ID") or get(b"HTTP_X_REQUEST_ID")
+        return named.decode("latin-1") if named else str(self.number)
 
     def __repr__(self) -> str:
         return f"<Request {self.request_id} {self.state.value} {self.uri}>"

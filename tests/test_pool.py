@@ -91,13 +91,15 @@ def test_child_socket_is_a_private_listening_socket(pool_factory, workdir):
         assert len(other_sockets) <= 1, links
 
 
-def test_child_output_is_logged_with_its_pid(pool_factory, workdir):
+def test_child_output_is_logged_with_its_pid_and_the_request_it_serves(pool_factory, workdir):
     pool = pool_factory(wsgi_config(workdir))
-    response = client.request(pool.address, "/?stderr=marker-line-42")
+    # The line is written, then the child works 1 s more on the request: it is read meanwhile.
+    response = client.request(pool.address, "/?stderr=marker-line-42&sleep=1")
     pid = response.headers["X-Pid"]
     wait_for(lambda: "marker-line-42" in pool.log(), 10, "the child's stderr line in the log")
     line = next(line for line in pool.log().splitlines() if "marker-line-42" in line)
     assert f"pid={pid}" in line and "child_output" in line
+    assert "uri='/?stderr=marker-line-42&sleep=1'" in line and "request=1 " in line
 
 
 def test_queue_overflow_gets_503_at_once(pool_factory, workdir):
