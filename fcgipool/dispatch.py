@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from . import logs
 from .child import remember
 from .costs import CostModel
+from .peaks import Peak
 from .projects import Projects
 
 if TYPE_CHECKING:
@@ -178,6 +179,10 @@ class Dispatcher:
         self.arriving = self.arriving_before = 0.0
         self.window_ends = 0.0
         self.refused = 0  # refused on predicted wait
+        self.queue_full = 0  # refused on the count bound (max_waiting)
+        self.peak_waiting = Peak()
+        self.peak_busy = Peak()
+        self.all_busy = 0  # times a request took the last idle child
         self.configure(config, rules)
 
     def configure(self, config: Config, rules: list[Rule]) -> None:
@@ -258,6 +263,7 @@ class Dispatcher:
             return
         if not first:
             if queue.length >= queue.max_waiting:
+                self.queue_full += 1
                 log.warning("queue_full", request_class=queue.name, uri=request.uri)
                 self._unavailable(request, b"All children are busy and the queue is full\n")
                 return
@@ -273,6 +279,7 @@ class Dispatcher:
                     return
         request.queued_at = self.clock()
         queue.push(request, first)
+        self.peak_waiting.see(self.waiting)
 
     def predicted_wait(self, queue: ClassQueue, n: int, long: bool) -> float:
         """The learned cost of the work that would go before a request in lane ``n`` of
@@ -486,6 +493,10 @@ class Dispatcher:
         if self.max_per_client:
             self.clients[request.params.get(self.client_param, b"")] += 1
         request.start(self._pick(request))
+        idle = len(self.idle)
+        self.peak_busy.see(len(self.members) - idle)  # a loading child counts as busy
+        if not idle:
+            self.all_busy += 1
 
     def _pick(self, request: Request) -> Child:
         """The idle child for ``request``: one that served its project recently, else the
@@ -541,6 +552,19 @@ class Dispatcher:
             for n in range(LANES):
                 while queue.lanes[n]:
                     queue.pop(n).respond(503, body)
+
+    def roll_peaks(self) -> None:
+        """A new window of the high-water marks (every peaks.WINDOW seconds)."""
+        self.peak_waiting.roll(self.waiting)
+        self.peak_busy.roll(len(self.members) - len(self.idle))
+
+    def peaks(self) -> dict[str, object]:
+        return {
+            "waiting": self.peak_waiting.view(),
+            "busy": self.peak_busy.view(),
+            "all_busy": self.all_busy,
+            "refused": {"predicted_wait": self.refused, "queue_full": self.queue_full},
+        }
 
     def predictions(self) -> dict[str, float]:
         """Per class, the predicted wait of a new request of the class's mean cost."""

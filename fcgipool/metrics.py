@@ -172,6 +172,27 @@ class _PoolCollector:
             "Requests refused at once because their predicted wait was above queue_timeout.",
             value=dispatcher.refused,
         )
+        for name, peak, what in (
+            ("fcgipool_peak_waiting", dispatcher.peak_waiting, "Requests waiting"),
+            ("fcgipool_peak_busy", dispatcher.peak_busy, "Busy children"),
+        ):
+            family = GaugeMetricFamily(
+                name, f"{what} at the highest, since start or in the last 30-60 s.",
+                labels=["window"],
+            )
+            family.add_metric(["since_start"], peak.ever)
+            family.add_metric(["last_minute"], peak.lately)
+            yield family
+        yield CounterFamily(
+            "fcgipool_all_busy",
+            "Times a request took the last idle child (every child busy after it).",
+            value=dispatcher.all_busy,
+        )
+        yield CounterFamily(
+            "fcgipool_queue_full",
+            "Requests refused at once because their class's queue held max_waiting.",
+            value=dispatcher.queue_full,
+        )
         yield GaugeMetricFamily(
             "fcgipool_reserved_for_short",
             "Children kept free for short requests (learned; tuning.protect_short).",

@@ -131,6 +131,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
                 for queue in dispatcher.by_priority
             },
             "refused_predicted_wait": dispatcher.refused,
+            "peaks": dispatcher.peaks(),
             "reserved_for_short": dispatcher.reserve() if dispatcher.protect else 0,
             "buffered_bytes": pool.frontend.context.buffered,
             "max_waiting": pool.config.limits.max_waiting,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import config as config_module
-from . import listeners, logs, systemd
+from . import listeners, logs, peaks, systemd
 from .accounting import Accounting
 from .admin import ControlServer, HttpAdmin
 from .admission import Admission
@@ -195,6 +195,7 @@ class Pool:
             self.loop.create_task(
                 self._every(self._rss_interval, self.children.check_age_and_memory)
             ),
+            self.loop.create_task(self._every(lambda: peaks.WINDOW, self.dispatcher.roll_peaks)),
         ]
 
     def _rss_interval(self) -> float:
