@@ -149,6 +149,14 @@ def _check_optional_address(text: str) -> str:
     return text
 
 
+def _check_network(text: str) -> str:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network (10.0.0.0/8)") from None
+    return text
+
+
 def _check_control_path(text: str) -> str:
     if text:
         Address.parse(f"unix:{text}")
@@ -189,6 +197,13 @@ class PoolSection(_Section):
         "list): unix:/path.sock or /path.sock; tcp:HOST:PORT or HOST:PORT, HOST an IPv4 "
         "address, [IPv6] or a host name (resolved at start, first address); :PORT is every "
         "interface, IPv6 and IPv4. Ignored when systemd hands sockets over (LISTEN_FDS).",
+    )
+    allowed_clients: list[Annotated[str, AfterValidator(_check_network)]] = Field(
+        default_factory=list,
+        description="Addresses or networks (10.0.0.0/8, ::1) allowed to connect to a TCP "
+        "bind; any other client is closed at accept, with a connection_refused line. Empty: "
+        "only loopback clients on a wildcard bind (0.0.0.0, ::, :PORT), anyone on a bind to "
+        "a specific address. Unix sockets are guarded by socket_mode and socket_group.",
     )
     socket_mode: ModeText = Field(
         default="0660", description="File mode of unix pool sockets (octal)."

@@ -9,7 +9,9 @@ php-fpm's ping.path and pm.status_path), even when every child is busy.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -31,6 +33,7 @@ from .protocol import (
 )
 from .request import Context, Request
 
+_LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 log = logs.get("fcgipool.frontend")
 
 FRESH = 1.0  # seconds a new connection counts as about to send its first request
@@ -57,12 +60,33 @@ class Frontend:
         self.limits = config.limits
         self.ping_path = config.admin.ping_path
         self.status_path = config.admin.status_path
+        self.allowed = [ipaddress.ip_network(n, strict=False) for n in config.pool.allowed_clients]
         limit = str(config.limits.max_connections).encode()
         self.values = {b"FCGI_MAX_CONNS": limit, b"FCGI_MAX_REQS": limit, b"FCGI_MPXS_CONNS": b"1"}
 
     def connection(self) -> FrontConnection:
-        """The protocol factory of the pool's listening sockets."""
+        """The protocol factory of a listening socket whose clients are not checked."""
         return FrontConnection(self)
+
+    def factory(self, sock: socket.socket) -> Callable[[], FrontConnection]:
+        """The protocol factory of ``sock``: a TCP socket checks its clients."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return self.connection
+        wildcard = ipaddress.ip_address(sock.getsockname()[0]).is_unspecified
+        return lambda: FrontConnection(self, wildcard)
+
+    def admits(self, host: str, wildcard: bool) -> bool:
+        """May a client at ``host`` connect (pool.allowed_clients)?"""
+        networks = self.allowed or (_LOOPBACK if wildcard else None)
+        if networks is None:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
 
     def get_values(self, names: Iterable[bytes]) -> dict[bytes, bytes]:
         return {name: self.values[name] for name in names if name in self.values}
@@ -98,8 +122,9 @@ class Frontend:
 class FrontConnection(asyncio.Protocol):
     """One connection from the web server; may carry several requests (keep-conn, mux)."""
 
-    def __init__(self, frontend: Frontend) -> None:
+    def __init__(self, frontend: Frontend, wildcard: bool | None = None) -> None:
         self.frontend = frontend
+        self.wildcard = wildcard  # a TCP bind's clients are checked; None: not TCP
         self.clock = frontend.context.loop.time
         self.codec = ServerConnection(frontend.limits.max_params_size)
         self.transport: asyncio.Transport | None = None
@@ -120,6 +145,14 @@ class FrontConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         frontend = self.frontend
         limits = frontend.limits
+        wildcard = self.wildcard
+        if wildcard is not None and isinstance(peer, tuple) and not frontend.admits(
+            peer[0], wildcard
+        ):
+            log.warning("connection_refused", reason="allowed_clients", peer=self.peer)
+            self.closed = True
+            self.transport.abort()
+            return
         if len(frontend.connections) >= limits.max_connections:
             log.warning("connection_refused", reason="max_connections", peer=self.peer)
             self.closed = True

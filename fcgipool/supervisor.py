@@ -252,7 +252,7 @@ class Pool:
         if self.listeners.inherited:
             log.info("sockets_inherited", count=len(self.listeners.sockets))
         for sock in self.listeners.sockets:
-            server = await listeners.start_server(self.loop, sock, self.frontend.connection)
+            server = await listeners.start_server(self.loop, sock, self.frontend.factory(sock))
             self.servers.append(server)
             log.info("listening", address=listeners.describe(sock))
 

@@ -537,3 +537,67 @@ def test_uvloop_asked_for_but_not_importable_is_a_config_error(workdir, no_uvloo
     result = run_cli("serve", "-c", str(path), env=no_uvloop)
     assert result.returncode == 2
     assert "pool.event_loop: uvloop is not installed" in result.stderr
+
+
+# ---------------------------------------------------------------------------- allowed clients
+
+
+def ask_from(source: str, port: int) -> bytes:
+    """A FastCGI GET from ``source`` (a loopback address of this machine); what came back
+    before the pool closed the connection."""
+    from fcgipool.client import cgi_params
+    from fcgipool.protocol import encode_request
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                  source_address=(source, 0)) as sock:  # fmt: skip
+        try:
+            sock.sendall(encode_request(1, cgi_params("/?n=1"), keep_conn=False))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            return b""
+        return data
+
+
+def test_allowed_clients_closes_others_at_accept_and_logs_them(pool_factory, workdir):
+    port = free_port()
+    pool = pool_factory(wsgi_config(workdir, pool={"bind": [f"tcp:0.0.0.0:{port}"],
+                                                    "allowed_clients": ["127.0.0.2/32"]}))
+    answer = ask_from("127.0.0.2", port)
+    assert b"Content-Type" in answer and b"X-Pid" in answer, answer[:200]
+    assert ask_from("127.0.0.1", port) == b""
+    wait_for(lambda: "reason=allowed_clients" in pool.log(), 10, "the refusal logged")
+    line = next(line for line in pool.log().splitlines() if "reason=allowed_clients" in line)
+    assert "peer=127.0.0.1:" in line
+
+
+def test_by_default_a_wildcard_bind_admits_loopback_only_and_a_specific_one_anyone():
+    from types import SimpleNamespace
+
+    from fcgipool.frontend import Frontend
+
+    def frontend(allowed: list[str]) -> Frontend:
+        cfg = config.build(None, {"pool": {"allowed_clients": allowed}}, environ={})
+        context = SimpleNamespace(loop=asyncio.new_event_loop())
+        return Frontend(cfg, context, dict)  # type: ignore[arg-type]
+
+    default = frontend([])
+    assert default.admits("127.0.0.1", wildcard=True) and default.admits("::1", True)
+    assert default.admits("::ffff:127.0.0.1", True)
+    assert not default.admits("192.0.2.7", wildcard=True)
+    assert default.admits("192.0.2.7", wildcard=False)
+    listed = frontend(["10.0.0.0/8", "fd00::/8"])
+    assert listed.admits("10.1.2.3", False) and listed.admits("fd00::5", True)
+    assert not listed.admits("127.0.0.1", True) and not listed.admits("192.0.2.7", False)
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        connection = default.factory(sock)()
+        assert connection.wildcard is True
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        assert default.factory(sock)().wildcard is False
+    with socket.socket(socket.AF_UNIX) as sock:
+        assert default.factory(sock)().wildcard is None
+    for loop in (default.context.loop, listed.context.loop):
+        loop.close()

@@ -42,6 +42,8 @@ def test_defaults_are_valid_and_printed_as_commented_toml(tmp_path):
         ("[child]\ncommand = []\n", "child.command: List should have at least 1 item"),
         ("[timeouts]\nrequest = -1\n", "timeouts.request: Input should be greater than 0"),
         ("[pool\n", "TOML syntax error"),
+        ('[pool]\nallowed_clients = ["10.0.0.0/33"]\n',
+         "pool.allowed_clients.0: '10.0.0.0/33' is not an IP address or network"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path, text, expected):
