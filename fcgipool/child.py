@@ -69,6 +69,8 @@ class Child:
         self.warm_set: list[str] = []  # projects it loads after its warm-up, before traffic
         self.stale: set[str] = set()  # projects it held whose file has changed since
         self.unanswered = False  # its last probe got no answer in time (children.py's)
+        self.probing = False  # idle, out of rotation, answering child.probe_interval's probe
+        self.probed_at = 0.0
         self.idle_since = now  # when it last became idle (meaningful while it is IDLE)
         self.rss = 0  # resident bytes when last sampled (ready, then every rss_interval)
 

@@ -54,7 +54,9 @@ _ABORT = encode_record(RecordType.ABORT_REQUEST, 1)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
-    State.IDLE: frozenset({State.BUSY, State.LOADING, State.STOPPING, State.DEAD}),
+    State.IDLE: frozenset(
+        {State.BUSY, State.LOADING, State.RECOVERING, State.STOPPING, State.DEAD}
+    ),
     State.BUSY: frozenset({State.IDLE, State.RECOVERING, State.STOPPING, State.DEAD}),
     State.RECOVERING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
     State.LOADING: frozenset({State.IDLE, State.STOPPING, State.DEAD}),
@@ -488,6 +490,39 @@ class Children:
         else:
             self._free(child)
         self.run_pending()
+
+    def probe_idle(self) -> None:
+        """Probe one child idle for child.probe_interval, out of rotation (a child wedged
+        while idle is found before a visitor reaches it); one at a time."""
+        interval = self.config.child.probe_interval
+        if not interval or self.stopping or any(c.probing for c in self.all):
+            return
+        now = self.loop.time()
+        for child in self.all:
+            if child.state is State.IDLE and not child.retiring and (
+                now - max(child.idle_since, child.probed_at) >= interval
+            ):
+                child.probing = True
+                child.probed_at = now
+                _move(child, State.RECOVERING)
+                self.dispatcher.take_out(child)
+                self._probe(child, self.config.timeouts.cancel, self.config.child.probe_uri,
+                            False, self._on_idle_probed)  # fmt: skip
+                return
+
+    def _on_idle_probed(self, child: Child, ok: bool) -> None:
+        if child.state is not State.RECOVERING or not child.probing:
+            return
+        child.probing = False
+        if ok:
+            self._free(child)
+            return
+        self.reap()  # a child that died is a crash
+        if child.pid not in self.by_pid:
+            return
+        log.warning("child_probe_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
+        child.exit_reason = "probe_failed"
+        self._stop(child, failure=True)
 
     def check_projects(self) -> None:
         """Stat the files of the projects children hold, when due; act on changes."""

@@ -339,6 +339,13 @@ class ChildSection(_Section):
         description="URI of the readiness probe: a real request sent to each new child before "
         "it takes traffic. Any complete answer, even a 500, proves the child is alive.",
     )
+    probe_interval: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a child may stay idle before it is probed (probe_uri, out of "
+        "rotation, an answer within timeouts.cancel): one that fails is replaced before a "
+        "visitor reaches it. 0 is off.",
+    )
     respawn_delay: Seconds = Field(
         default=0.5,
         description="First delay before a dead child is started again; doubles "

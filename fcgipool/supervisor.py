@@ -287,6 +287,7 @@ class Pool:
         if self.lifecycle is Lifecycle.RUNNING:
             self.autoscaler.tick()
             self.children.check_projects()
+            self.children.probe_idle()
         if self.lifecycle is Lifecycle.DRAINING:
             self._check_drain()
 

@@ -347,3 +347,23 @@ def test_reaping_on_either_event_loop(pool_factory, workdir, event_loop):
     assert client.request(pool.address, "/").status == 200
     pool.process.send_signal(signal.SIGTERM)
     assert pool.process.wait(30) == 0
+
+
+def test_an_idle_child_that_stopped_answering_is_replaced_by_the_idle_probe(pool_factory,
+                                                                              workdir):
+    pool = pool_factory(fault_config(workdir, child={"probe_interval": 1.0},
+                                     timeouts={"cancel": 2.0, "kill_grace": 1.0}))
+    wedged, other = pool.children()
+    os.kill(wedged, signal.SIGSTOP)  # alive, its socket accepts, it answers nothing
+    try:
+        wait_for(lambda: "child_probe_failed" in pool.log(), 30, "the probe to fail")
+        wait_for(lambda: wedged not in pool.children() and len(pool.children()) == 2, 30,
+                 "the wedged child replaced")  # fmt: skip
+    finally:
+        if psutil.pid_exists(wedged):
+            os.kill(wedged, signal.SIGKILL)
+    assert other in pool.children()
+    assert f"pid={wedged}" in next(
+        line for line in pool.log().splitlines() if "child_probe_failed" in line)
+    for n in range(4):
+        assert client.request(pool.address, f"/?n={n}").status == 200
