@@ -22,7 +22,8 @@ randomisation moves it a little) on any machine, so a change of a few per cent s
 ``--without PART`` takes one part's cost away, to see what it is: ``params`` (PARAMS
 decoding: each distinct PARAMS stream is decoded once and copied after), ``access`` (the
 access log, switched off as an operator would), ``metrics`` (the per-request counters) or
-``status`` (reading the answer's status).
+``status`` (reading the answer's status) or ``cost`` (log.request_cost: the child's CPU and
+memory read from /proc at the start and end of each request).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import re
 import shutil
@@ -45,6 +47,7 @@ from fcgipool import accounting, logs, protocol, request  # noqa: E402
 from fcgipool import config as configuration  # noqa: E402
 from fcgipool.child import Child, ChildConnection, State  # noqa: E402
 from fcgipool.cli import _event_loop_runner  # noqa: E402
+from fcgipool.processes import read_usage  # noqa: E402
 from fcgipool.supervisor import Pool  # noqa: E402
 
 NGINX_PARAMS = {
@@ -91,7 +94,7 @@ class MemoryTransport:
         pass
 
 
-PARTS = ("params", "access", "metrics", "status")
+PARTS = ("params", "access", "metrics", "status", "cost")
 
 
 def take_away(part: str) -> None:
@@ -120,7 +123,8 @@ def measure(requests: int, profile: bool, without: tuple[str, ...] = ()) -> floa
     config = configuration.build(
         None,
         {"child": {"command": ["/bin/true"], "allow_root": True},
-         "log": {"level": "warning", "file": "/dev/null", "access": "access" not in without}},
+         "log": {"level": "warning", "file": "/dev/null", "access": "access" not in without,
+                 "request_cost": "cost" not in without}},
         {},
     )  # fmt: skip
     logs.configure(config.log.format, config.log.level, config.log.file)
@@ -128,7 +132,14 @@ def measure(requests: int, profile: bool, without: tuple[str, ...] = ()) -> floa
 
 
 class NoProcesses:
-    """The one child below is made by hand: nothing is spawned."""
+    """The one child below is made by hand: nothing is spawned. Its CPU and memory are
+    read as the real ones are (log.request_cost), from this process's /proc/PID/stat."""
+
+    def __init__(self) -> None:
+        self.stat = os.open("/proc/self/stat", os.O_RDONLY)
+
+    def usage(self, child: Child) -> tuple[int, int]:
+        return read_usage(self.stat)
 
 
 async def _measure(config: configuration.Config, requests: int, profile: bool) -> float:

@@ -27,6 +27,7 @@ class Accounting:
         self.requests: dict[tuple[int, str], int] = {}  # (status, class) -> answered
         self.duration: dict[str, Histogram] = {}
         self.queue_wait: dict[str, Histogram] = {}
+        self.cpu: dict[str, Histogram] = {}  # children's CPU seconds per request (request_cost)
         self.response_bytes = 0
         self.restarts: Counter[str] = Counter()  # children replaced, by reason
 
@@ -40,6 +41,8 @@ class Accounting:
         duration = now - request.created
         wait = (request.started or now) - request.created
         self.observe(request.status, request.request_class, duration, wait, request.bytes_out)
+        if request.cpu_ms is not None:
+            self.observe_cpu(request.request_class, request.cpu_ms / 1000)
         if self.access_log:
             get = request.params.get
             logs.access((
@@ -54,7 +57,15 @@ class Accounting:
                 duration * 1000,
                 request.status,
                 request.bytes_out,
+                request.cpu_ms,
+                request.rss_mib,
             ))  # fmt: skip
+
+    def observe_cpu(self, klass: str, seconds: float) -> None:
+        histogram = self.cpu.get(klass)
+        if histogram is None:
+            histogram = self.cpu[klass] = Histogram()
+        histogram.observe(seconds)
 
     def observe(self, status: int, klass: str, duration: float, wait: float, size: int) -> None:
         key = (status, klass)

@@ -55,6 +55,7 @@ class Child:
         self.pid = 0
         self.connection: ChildConnection | None = None
         self.request: Request | None = None  # the one being served
+        self.abandoned: Request | None = None  # the last one given up on it (a timeout...)
         self.requests_served = 0
         self.requests_limit = 0  # recycle after this many; 0 is never
         self.started_at = now
@@ -71,6 +72,8 @@ class Child:
         self.unanswered = False  # its last probe got no answer in time (children.py's)
         self.probing = False  # idle, out of rotation, answering child.probe_interval's probe
         self.probed_at = 0.0
+        self.ticks_at_start = 0  # its CPU clock ticks when its request began (request_cost)
+        self.last_cost: tuple[int, int] | None = None  # cpu_ms, rss_mib of its last request
         self.idle_since = now  # when it last became idle (meaningful while it is IDLE)
         self.rss = 0  # resident bytes when last sampled (ready, then every rss_interval)
 

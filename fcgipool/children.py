@@ -48,6 +48,8 @@ log = logs.get("fcgipool.children")
 MAX_BACKOFF = 30.0
 START_SECONDS = 2.0  # a child's start time assumed until one has been measured
 START_WEIGHT = 0.3  # of the newest start in the learned start time (an EWMA)
+MS_PER_TICK = 1000 // os.sysconf("SC_CLK_TCK")  # CPU time in /proc is in clock ticks
+PAGE = os.sysconf("SC_PAGE_SIZE")
 _OUR_SIGNALS = (signal.SIGTERM, signal.SIGKILL)  # what the pool sends to stop a child
 _PROBE_HEAD = 4096
 _ABORT = encode_record(RecordType.ABORT_REQUEST, 1)
@@ -77,6 +79,8 @@ class Processes(Protocol):
     def forget(self, child: Child) -> None: ...
     def rss(self, child: Child) -> int: ...
     def cpu_percent(self, child: Child) -> float: ...
+    def usage(self, child: Child) -> tuple[int, int]:
+        """CPU clock ticks so far and resident pages (0, 0 when unknown)."""
 
 
 class Dispatcher(Protocol):
@@ -102,6 +106,9 @@ class Events(Protocol):
         """Stopping, and the last child was reaped."""
 
     def failure_pressure_exceeded(self, pressure: float) -> None: ...
+
+    def child_stuck(self, child: Child, request: Request | None) -> None:
+        """``child`` did not come back after ``request`` was given up: it is stopped next."""
 
 
 class Probe:
@@ -206,6 +213,7 @@ class Children:
     def configure(self, config: Config) -> None:
         """What the next children and the next decisions follow (a reload changes it)."""
         self.config = config
+        self.measure = config.log.request_cost
 
     def project_uri(self, project: str) -> str:
         """The request that loads ``project`` on a child (projects.pinned_uri)."""
@@ -586,6 +594,14 @@ class Children:
 
     def release(self, child: Child, served: bool) -> None:
         """The request on ``child`` ended cleanly: the child is free for the next one."""
+        request = child.request
+        if self.measure and request is not None:
+            ticks, pages = self.processes.usage(child)
+            if ticks or pages:  # one read a request: the last one ended at ticks_at_start
+                request.cpu_ms = (ticks - child.ticks_at_start) * MS_PER_TICK
+                child.ticks_at_start = ticks
+                request.rss_mib = pages * PAGE // 2**20
+                child.last_cost = (request.cpu_ms, request.rss_mib)
         child.request = None
         if served:
             child.requests_served += 1
@@ -595,13 +611,13 @@ class Children:
             self._close_connection(child)
         if child.requests_limit and child.requests_served >= child.requests_limit:
             self.recycle(child, "max_requests")
-        self._free(child)
+        self._free(child, measure=False)
 
     def abandon(self, child: Child) -> None:
         """A request was given up on ``child`` (timeout, client gone, connection lost): it
         is told to stop, and it is free again once a probe is answered within the cancel
         timeout; else it is stopped, and that counts as a failure."""
-        child.request = None
+        child.abandoned, child.request = child.request, None
         if child.state is not State.BUSY:
             return
         connection = child.drop_connection()
@@ -624,12 +640,17 @@ class Children:
         if child.pid not in self.by_pid:
             return
         log.warning("child_cancel_failed", pid=child.pid, timeout=self.config.timeouts.cancel)
+        self.events.child_stuck(child, child.abandoned)
         child.exit_reason = "cancel_failed"
         self._stop(child, failure=True)
 
-    def _free(self, child: Child) -> None:
+    def _free(self, child: Child, measure: bool = True) -> None:
         """``child`` can take a request: give it one, or stop it if it is being replaced
-        and its replacements are ready."""
+        and its replacements are ready. Unless it comes from a request (``measure``
+        false: release read it already), its CPU so far is where its next request's
+        begins (log.request_cost): a start, a load or a probe is not a request's."""
+        if measure and self.measure:
+            child.ticks_at_start = self.processes.usage(child)[0]
         if child.retiring and (self.stopping or self.ready() >= self.workers):
             self._retire(child)
             return

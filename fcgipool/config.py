@@ -459,6 +459,23 @@ class TimeoutsSection(_Section):
         description="Seconds a child may spend on one request. Keep the web server's own "
         "timeout (nginx fastcgi_read_timeout) above it.",
     )
+    slow: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds after which a running request is reported once (a slow_request "
+        "line: the child's state from /proc, and slow_command's output); the same report "
+        "is written before a child stuck after a timeout is stopped. 0 is off.",
+    )
+    slow_command: str = Field(
+        default="",
+        description="Command run for a slow request's report, {pid} replaced by the child's "
+        'pid, e.g. "eu-stack -p {pid}" (package elfutils) or "gdb -batch -p {pid} -ex '
+        '\"thread apply all bt\""; its output (64 KiB at most) is logged as '
+        "slow_request_command. Needs ptrace rights over the child (docs/troubleshooting.md).",
+    )
+    slow_command_timeout: Seconds = Field(
+        default=10.0, description="Seconds slow_command may run; then it is killed."
+    )
     cancel: Seconds = Field(
         default=5.0,
         description="After a request is cancelled (timeout, client gone), seconds the child "
@@ -698,6 +715,12 @@ class LogSection(_Section):
         default="", description="Log to this file instead of stderr; SIGUSR1 reopens it."
     )
     access: bool = Field(default=True, description="One access-log line per request.")
+    request_cost: bool = Field(
+        default=True,
+        description="Read the child's CPU time and resident memory at the start and end of "
+        "each request (/proc/PID/stat, one pread each): cpu_ms and rss_mib in the access "
+        "log, the last request of each child in status, a CPU histogram per class.",
+    )
     child_output_rate: float = Field(
         default=50.0,
         gt=0,

@@ -51,7 +51,7 @@ class _Batched:
 
 
 ACCESS_FIELDS = ("id", "client", "method", "uri", "project", "request_class", "pid",
-                 "wait_ms", "ms", "status", "bytes")  # fmt: skip
+                 "wait_ms", "ms", "status", "bytes", "cpu_ms", "rss_mib")  # fmt: skip
 _MILLISECONDS = ("wait_ms", "ms")  # floats, written with two decimals
 _CONSOLE_LINE = (
     "timestamp=%r event='access' "

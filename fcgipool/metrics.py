@@ -88,6 +88,11 @@ class _RequestCollector:
                 "Time a request waited for a free child.",
                 metrics.queue_wait,
             ),
+            (
+                "fcgipool_request_cpu_seconds",
+                "CPU time the child spent on a request it answered (log.request_cost).",
+                metrics.cpu,
+            ),
         ):
             family = HistogramMetricFamily(name, help_text, labels=["class"])
             for klass, histogram in sorted(histograms.items()):
@@ -183,6 +188,11 @@ class _PoolCollector:
             family.add_metric(["since_start"], peak.ever)
             family.add_metric(["last_minute"], peak.lately)
             yield family
+        yield CounterFamily(
+            "fcgipool_slow_requests",
+            "Requests reported running longer than timeouts.slow (slow_request lines).",
+            value=pool.diagnostics.reported,
+        )
         yield CounterFamily(
             "fcgipool_all_busy",
             "Times a request took the last idle child (every child busy after it).",

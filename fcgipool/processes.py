@@ -60,6 +60,21 @@ def _set_parent_death_signal() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def read_usage(stat: int) -> tuple[int, int]:
+    """(CPU clock ticks, resident pages) from an open /proc/PID/stat; (0, 0) if unreadable."""
+    if stat < 0:
+        return 0, 0
+    try:
+        data = os.pread(stat, 1024, 0)
+    except OSError:
+        return 0, 0
+    fields = data[data.rfind(b")") + 2 :].split(b" ", 22)  # after "pid (comm) ", to rss
+    try:
+        return int(fields[11]) + int(fields[12]), int(fields[21])
+    except (IndexError, ValueError):
+        return 0, 0
+
+
 class _OutputLines(asyncio.Protocol):
     """Reads a child's stdout or stderr and logs it line by line, each line bounded, at most
     ``rate`` lines a second on average (a token bucket holding 10 s worth): a child that
@@ -122,6 +137,7 @@ class _Process:
     popen: subprocess.Popen[bytes]
     measured: psutil.Process | None
     pidfd: int = -1
+    stat: int = -1  # /proc/PID/stat, kept open: one pread per reading
     readers: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -186,6 +202,8 @@ class OsProcesses:
             process.readers.append(
                 self.loop.create_task(self.loop.connect_read_pipe(partial(_same, lines), pipe))
             )
+        with contextlib.suppress(OSError):
+            process.stat = os.open(f"/proc/{popen.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         if self.exited is not None:
             process.pidfd = os.pidfd_open(popen.pid)
             self.loop.add_reader(process.pidfd, self._pidfd_ready, process)
@@ -228,12 +246,21 @@ class OsProcesses:
             if process is not None:
                 process.popen.returncode = os.waitstatus_to_exitcode(status)
                 self._close_pidfd(process)
+                if process.stat >= 0:
+                    os.close(process.stat)
         return reaped
 
     def forget(self, child: Child) -> None:
         """The child was reaped: its socket file goes."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(child.socket_path)
+
+    def usage(self, child: Child) -> tuple[int, int]:
+        """CPU time (user and system, all threads) in clock ticks and resident pages, from
+        /proc/PID/stat (one pread of a kept file, a few microseconds); (0, 0) when it cannot
+        be read."""
+        process = self._processes.get(child.pid)
+        return read_usage(process.stat) if process is not None else (0, 0)
 
     def rss(self, child: Child) -> int:
         """Resident memory in bytes (0 when it cannot be read)."""

@@ -167,6 +167,7 @@ class Request:
         "connection",
         "cost",
         "counted",
+        "cpu_ms",
         "created",
         "ctx",
         "finished_by_child",
@@ -182,7 +183,9 @@ class Request:
         "raw_params",
         "request_class",
         "request_id",
+        "rss_mib",
         "served_by",
+        "slow_reported",
         "started",
         "state",
         "status",
@@ -226,7 +229,10 @@ class Request:
         self.long = False  # predicted long (tuning.long_request)
         self.finished_by_child = False  # its child's time is its kind's cost
         self.cold = False  # its child did not hold its project: it loaded it first
+        self.cpu_ms: int | None = None  # its child's CPU time on it (log.request_cost)
+        self.rss_mib: int | None = None  # its child's resident memory after it
         self.served_by = 0  # pid of the (last) child that had it
+        self.slow_reported = False  # its slow_request line is written (diagnostics.py)
 
     @property
     def id(self) -> str:

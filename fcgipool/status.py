@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .accounting import Accounting
     from .children import Children
     from .config import Config
+    from .diagnostics import Diagnostics
     from .dispatch import Dispatcher
     from .frontend import Frontend
 
@@ -39,6 +40,8 @@ class PoolView(Protocol):
     def accounting(self) -> Accounting: ...
     @property
     def frontend(self) -> Frontend: ...
+    @property
+    def diagnostics(self) -> Diagnostics: ...
     @property
     def reloads(self) -> int: ...
     @property
@@ -102,6 +105,8 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
                 "cpu_percent": children.cpu_percent(child),
                 "age": round(now - child.started_at, 3),
                 "retiring": child.retiring or None,
+                "last_request": None if child.last_cost is None else {
+                    "cpu_ms": child.last_cost[0], "rss_mib": child.last_cost[1]},
                 "projects": list(child.projects),
                 "stale": sorted(child.stale),
             }
@@ -132,6 +137,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             },
             "refused_predicted_wait": dispatcher.refused,
             "peaks": dispatcher.peaks(),
+            "slow_requests": pool.diagnostics.reported,
             "reserved_for_short": dispatcher.reserve() if dispatcher.protect else 0,
             "buffered_bytes": pool.frontend.context.buffered,
             "max_waiting": pool.config.limits.max_waiting,

@@ -29,17 +29,19 @@ from . import listeners, logs, peaks, systemd
 from .accounting import Accounting
 from .admin import ControlServer, HttpAdmin
 from .admission import Admission
+from .child import Child
 from .children import Children, Processes
 from .classify import Classifier
 from .config import Config
 from .costs import CostModel
+from .diagnostics import Diagnostics
 from .dispatch import Dispatcher
 from .frontend import Frontend
 from .machine import IllegalTransition, StateEnum
 from .metrics import Metrics
 from .processes import OsProcesses
 from .projects import Projects, is_storage_uri
-from .request import Context
+from .request import Context, Request
 from .scaling import Autoscaler
 from .status import snapshot
 
@@ -113,6 +115,7 @@ class Pool:
         classifier = Classifier(config)
         self.costs = CostModel(config.tuning)
         self.projects = Projects(config, loop.time)
+        self.diagnostics = Diagnostics(config, loop)
         self.dispatcher = Dispatcher(config, classifier.rules, loop.time, self.costs, self.projects)
         self.admission = Admission(config, classifier, self.costs)
         self.accounting = Accounting(loop.time, config.log.access)
@@ -282,7 +285,9 @@ class Pool:
         logs.flush_access()
         now = self.loop.time()
         self.dispatcher.expire(now)
-        for request in self.children.requests():
+        running = self.children.requests()
+        self.diagnostics.check(running, now)
+        for request in running:
             request.check_timeout(now)
         if self.lifecycle is Lifecycle.RUNNING:
             self.autoscaler.tick()
@@ -303,6 +308,9 @@ class Pool:
         self.notify(f"READY=1\nSTATUS=serving with {self.children.ready()} children")
         if self.lifecycle is Lifecycle.STARTING:
             self._move(Lifecycle.RUNNING)
+
+    def child_stuck(self, child: Child, request: Request | None) -> None:
+        self.diagnostics.before_stop(child, request)
 
     def children_replaced(self) -> None:
         if self.lifecycle is Lifecycle.RELOADING:
@@ -417,6 +425,7 @@ class Pool:
         self.config = new
         classifier = Classifier(new)
         self.projects.configure(new)
+        self.diagnostics.configure(new)
         self.dispatcher.configure(new, classifier.rules)
         self.admission.configure(new, classifier)
         self.children.configure(new)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for, wsgi_config
+from conftest import fault_config, pool_status, wait_for, wsgi_config
 from fcgipool import client, protocol
 from fcgipool.processes import SAFE_PATH
 
@@ -355,3 +356,19 @@ def test_child_is_read_again_after_an_answer_to_a_slow_reader(pool_factory, work
     response = client.request(pool.address, "/?n=next", timeout=30)
     assert response.status == 200
     assert time.monotonic() - started < 5
+
+
+def test_a_request_that_burns_200_ms_of_cpu_shows_about_200_ms(pool_factory, workdir):
+    pool = pool_factory(fault_config(workdir, pool={"workers": 1}))
+    assert client.request(pool.address, "/?work_ms=200").status == 200
+    assert client.request(pool.address, "/?n=idle").status == 200
+    wait_for(lambda: "n=idle" in pool.log(), 10, "the access lines")
+    lines = [line for line in pool.log().splitlines() if "event='access'" in line]
+    burnt = next(line for line in lines if "work_ms=200" in line)
+    idle = next(line for line in lines if "n=idle" in line)
+    cpu = int(re.search(r"cpu_ms=(\d+)", burnt).group(1))
+    assert 180 <= cpu <= 300, burnt
+    assert int(re.search(r"cpu_ms=(\d+)", idle).group(1)) <= 20, idle
+    assert int(re.search(r"rss_mib=(\d+)", burnt).group(1)) > 1
+    (row,) = pool_status(pool)["children"]
+    assert row["last_request"]["cpu_ms"] <= 20

@@ -4,6 +4,7 @@ recycling, signals. Real processes, real signals; no fixed sleeps as synchronisa
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import fault_config, wait_for
+from conftest import fault_config, pool_status, wait_for
 from fcgipool import client, protocol
 
 
@@ -367,3 +368,30 @@ def test_an_idle_child_that_stopped_answering_is_replaced_by_the_idle_probe(pool
         line for line in pool.log().splitlines() if "child_probe_failed" in line)
     for n in range(4):
         assert client.request(pool.address, f"/?n={n}").status == 200
+
+
+def test_a_hanging_request_is_reported_slow_then_stuck_with_proc_and_a_bounded_command(
+        pool_factory, workdir):
+    command = "sh -c 'echo stack-of-{pid}; head -c 200000 /dev/zero | tr \"\\0\" x'"
+    pool = pool_factory(fault_config(workdir, timeouts={
+        "request": 3.0, "cancel": 1.0, "slow": 1.0, "slow_command": command}))
+    started = time.monotonic()
+    response = client.request(pool.address, "/?hang=1&n=slow")
+    assert response.status == 504 and time.monotonic() - started >= 3.0
+    wait_for(lambda: "stuck_child" in pool.log(), 20, "the report before the child is stopped")
+    wait_for(lambda: pool.log().count("slow_request_command") == 2, 20, "both commands")
+    lines = pool.log().splitlines()
+    slow = next(line for line in lines if "slow_request " in line)
+    timeout = next(i for i, line in enumerate(lines) if "request_timeout" in line)
+    assert lines.index(slow) < timeout, "the slow report comes before the 504"
+    pid = re.search(r"pid=(\d+)", slow).group(1)
+    for field in ("request=", "uri='/?hang=1&n=slow'", "request_class=default", "wchan=",
+                  "syscall=", "cpu_seconds=", "rss_mib=", "elapsed="):
+        assert field in slow, (field, slow)
+    stuck = next(line for line in lines if "stuck_child" in line)
+    assert f"pid={pid}" in stuck and "uri='/?hang=1&n=slow'" in stuck
+    outputs = [line for line in lines if "slow_request_command" in line]
+    assert all(f"stack-of-{pid}" in line and "truncated=True" in line for line in outputs)
+    assert all(len(line) < 70_000 for line in outputs), "the output is bounded to 64 KiB"
+    assert pool_status(pool)["pool"]["slow_requests"] == 1
+    assert client.request(pool.address, "/?n=after").status == 200

@@ -274,6 +274,7 @@ class FakeProgram:
         self.probe: Action = Answer(200, b"probe\n")
         self.ignore_term = False
         self.rss = 100 * 2**20
+        self.cpu_ticks = 0  # CPU time so far, in clock ticks (the test moves it)
         self.signals: list[int] = []
         self.connections: set[_ProgramEnd] = set()
         self.received = b""
@@ -430,6 +431,12 @@ class FakeProcesses:
 
     def cpu_percent(self, child: Child) -> float:
         return 0.0
+
+    def usage(self, child: Child) -> tuple[int, int]:
+        program = self.programs.get(child.pid)
+        if program is None or not program.alive:
+            return 0, 0
+        return program.cpu_ticks, program.rss // 4096
 
     def alive(self) -> list[FakeProgram]:
         return [program for program in self.programs.values() if program.alive]
