@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from test_deploy import nginx_main
+from test_deploy import bundled_kubernetes_versions, nginx_main
 
 from conftest import REPO, PoolProcess, free_port, wait_for, wsgi_config
 
@@ -336,21 +336,11 @@ def test_replica_variant_puts_each_project_on_at_most_two_pools(pools, router_fa
 # ---------------------------------------------------------------------------- Kubernetes
 
 
-def kubernetes_versions() -> list[str]:
-    """The Kubernetes versions whose schemas kubernetes-validate bundles, oldest first."""
-    import kubernetes_validate
-
-    schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-    found = [m.group(1) for path in schemas.iterdir()
-             if (m := re.fullmatch(r"v(\d+\.\d+\.\d+)-local-strict", path.name))]
-    return sorted(found, key=lambda version: tuple(map(int, version.split("."))))
-
-
 def test_partition_manifests_pass_kubernetes_validate():
     manifests = sorted(str(path) for path in K8S.glob("*.yaml"))
     documents = sum(len([d for d in yaml.safe_load_all(Path(m).read_text()) if d])
                     for m in manifests)
-    versions = kubernetes_versions()
+    versions = bundled_kubernetes_versions()
     assert versions, "kubernetes-validate has no bundled schemas"
     # Strict: unknown fields are errors.  The newest schemas bundled, and the oldest.
     for version in ([], ["-k", versions[0]]):
