@@ -12,7 +12,7 @@ Projects (bench/changes.py's, in a directory per set-up): the slow project (heav
 150,000 points: over a second to load) and 5 copies of demo.qgs. Children: 2 of
 qgis_mapserv.fcgi. Load: bench/changes.py's open loop, RATE requests/s (Poisson, seeded),
 20 % GetCapabilities of the slow project, the rest spread over the 5 demo copies, half
-GetCapabilities, half a 256x256 GetMap: about 60 % of what the 2 cores serve. Each set-up
+GetCapabilities, half a 256x256 GetMap: the children about 50-70 % busy. Each set-up
 first has every project loaded on both children and 10 s of the mix, so that each child
 holds them (with affinity memory 5, a child remembers 5 of the 6: the least recently
 served one is not in its warm set). A run counts BEFORE (5 s) of load, then reloads, and
@@ -48,7 +48,7 @@ ones); for fcgipool also ``first_child_ms``, the same less each request's wait f
 (the access line's ``wait_ms``): what the child itself took, a project load if it paid one;
 and ``reload_s`` (from the command until no child of before is left). Each run's log line
 gives, per new child and project, both times, the warm-set loads, and the CPU not the
-benchmark's (common.ForeignCpu). Case ``slow project`` has ``first_ms`` for the slow project
+benchmark's (changes.CpuUse). Case ``slow project`` has ``first_ms`` for the slow project
 alone, and for fcgipool ``carried``: project loads of the warm sets (``project_loaded``
 events with ``why = "inherited"``) in the run, over both new children.
 """
@@ -208,7 +208,7 @@ def run(ctx: Context) -> list[Row]:
         order = [(peer, (setup, projects)) for peer, setup, projects in named]
         for repeat, (peer, (setup, projects)) in interleaved(order, ctx.repeats):
             settle(setup.child_pids, timeout=15)
-            cpu = common.ForeignCpu([s for _, s, _ in named])
+            cpu = changes.CpuUse([s for _, s, _ in named])
             since = changes.log_size(setup)
             old = setup.child_pids()
             reload = Reload(setup, ramp + before, LONGEST)
