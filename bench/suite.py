@@ -57,7 +57,7 @@ from results import Context, Median, Row, is_fcgipool, log, number, ratio  # noq
 
 SCENARIOS = {"a": "trivial", "b": "core", "c": "mixed", "d": "projects", "e": "hangs",
              "f": "crash", "g": "reload", "h": "idle", "i": "scaling", "j": "viewer",
-             "k": "sizes", "l": "day", "m": "memory"}  # fmt: skip
+             "k": "sizes", "l": "day", "m": "memory", "n": "changes", "o": "carryover"}  # fmt: skip
 FALLBACK_ESTIMATE = 210.0  # seconds at 3 repeats, for a module without estimate()
 COLORS = {"fcgipool": "#1f77b4", "spawn-fcgi+multiwatch": "#ff7f0e", "nginx-rr": "#2ca02c",
           "apache-mod_fcgid": "#d62728"}  # fmt: skip
