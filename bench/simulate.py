@@ -428,7 +428,7 @@ class Fcgipool(Policy):
         return [*self.projects.pinned(), *self.projects.warm_set(held)], set(child.stale)
 
     def loaded(self, child: SimChild, project: str, seconds: float) -> None:
-        remember(child.projects, project, self.memory)
+        remember(child.projects, project, self.memory, 0.0)
         reload = project in child.stale
         child.stale.discard(project)
         self.projects.loaded(project, seconds, reload=reload)

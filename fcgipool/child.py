@@ -66,7 +66,8 @@ class Child:
         self.retiring = ""  # why this child is being replaced; empty while it is not
         self.warmup = warmup  # URIs it must answer before it takes traffic
         self.warmups_done = 0
-        self.projects: OrderedDict[str, None] = OrderedDict()  # served lately, newest last
+        # Projects served lately, newest last, with when a request for each last began.
+        self.projects: OrderedDict[str, float] = OrderedDict()
         self.warm_set: list[str] = []  # projects it loads after its warm-up, before traffic
         self.stale: set[str] = set()  # projects it held whose file has changed since
         self.unanswered = False  # its last probe got no answer in time (children.py's)
@@ -195,9 +196,10 @@ class ChildConnection(asyncio.Protocol):
             self.handler.resume_sending()
 
 
-def remember(projects: OrderedDict[str, None], project: str, size: int) -> None:
-    """Keep ``project`` as the most recent of at most ``size`` remembered projects."""
-    projects[project] = None
+def remember(projects: OrderedDict[str, float], project: str, size: int, at: float) -> None:
+    """Keep ``project`` as the most recent of at most ``size`` remembered projects, loaded
+    or last requested ``at`` (the loop's clock)."""
+    projects[project] = at
     projects.move_to_end(project)
     while len(projects) > size:
         projects.popitem(last=False)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import random
 import signal
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable
 from functools import partial
@@ -180,6 +182,7 @@ class Children:
     ) -> None:
         self.processes = processes
         self.projects = projects
+        self.wall: Callable[[], float] = time.time
         self.dispatcher = dispatcher
         self.accounting = accounting
         self.events = events
@@ -385,7 +388,8 @@ class Children:
             seconds = self.loop.time() - started
             if ok:
                 memory = max(1, self.config.projects.memory)
-                remember(child.projects, project, max(memory, len(self.projects.configured)))
+                size = max(memory, len(self.projects.configured))
+                remember(child.projects, project, size, started)
                 reload = why == "changed" or project in child.stale
                 child.stale.discard(project)
                 self.projects.loaded(project, seconds, reload=reload)
@@ -396,12 +400,16 @@ class Children:
         self._probe(child, self.config.child.start_timeout, self.project_uri(project), True,
                     loaded)  # fmt: skip
 
-    def changed(self, project: str, gone: bool = False) -> int:
+    def changed(self, project: str, gone: bool = False, since: float = math.inf) -> int:
         """``project``'s file changed (or is gone): every child holding it forgets it; each
-        is brought to the new version one at a time (unless it is gone). Returns how many
-        children held it."""
+        is brought to the new version one at a time (unless it is gone). A child whose
+        request for it began ``since`` the file changed (the loop's clock) already has
+        the new version: QGIS reloaded it for that request. Returns how many children
+        held an older version."""
         held = 0
         for child in self.all:
+            if not gone and child.projects.get(project, -math.inf) >= since:
+                continue
             if project in child.projects or project in child.stale:
                 held += 1
                 child.projects.pop(project, None)
@@ -538,8 +546,10 @@ class Children:
             return
         held = {project for child in self.all for project in (*child.projects, *child.stale)}
         changed, gone = self.projects.check(held)
+        lag = self.wall() - self.loop.time()  # file times are on the wall clock
         for project in changed:
-            count = self.changed(project)
+            version = self.projects.by_path[project].version
+            count = self.changed(project, since=version[0] / 1e9 - lag if version else math.inf)
             log.info("project_changed", project=project, children=count)
         for project in gone:
             count = self.changed(project, gone=True)

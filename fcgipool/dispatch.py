@@ -527,7 +527,7 @@ class Dispatcher:
         if project not in projects:
             request.cold = True
             self.projects.loaded_by_request(project)
-        remember(projects, project, self.memory)
+        remember(projects, project, self.memory, self.clock())
         chosen.stale.discard(project)  # it loads the file as it is now
         self.projects.requested(project)
         return chosen

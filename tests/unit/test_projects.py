@@ -304,3 +304,28 @@ def test_a_visitors_cold_request_teaches_the_load_time_and_the_budget_counts_unk
     for path in others:  # loads never measured (fake loads take no time): 1 s each
         h.pool.projects.seen(path).requests += 10
     assert h.pool.projects.warm_set([slow, *others]) == others[:2]
+
+
+def test_a_child_a_visitor_already_brought_to_the_new_version_is_not_replaced(harness, tmp_path):
+    """QGIS reloads a changed file for the first request that names it: a child whose
+    request for the project began after the file changed holds the new version."""
+    h = harness()
+    h.pool.children.wall = lambda: h.now() + 1.7e9  # file times, on the pool's clock
+    slow, _ = projects(tmp_path, "slow", "other")
+    h.processes.project_loads = {slow: LOAD}
+    h.pool.project_command("warm", slow)
+    h.until(lambda: len(holders(h, slow)) == 2, 10)
+    h.pool.project_command("unpin", slow)
+    h.run(h.pool.config.projects.check_interval * 2)  # the versions as they are now, seen
+    with open(slow, "w") as file:
+        file.write("<qgis>new</qgis>")
+    written = h.now() + 1.7e9
+    os.utime(slow, (written, written))
+    first = h.pool.children.all[-1]
+    visitor = h.get(query(slow))  # before the pool notices: this visitor pays the reload
+    assert visitor.status == 200 and visitor_loads(h, slow) == 1
+    h.run(3.0)
+    restarts = h.pool.accounting.restarts["project_changed"]
+    assert restarts == 1, "only the child the visitor did not reach is replaced"
+    fresh = [c for c in h.pool.children.all if slow in c.projects and not c.stale]
+    assert fresh and (first in fresh or visitor_loads(h, slow) == 1)
