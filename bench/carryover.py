@@ -14,20 +14,19 @@ qgis_mapserv.fcgi. Load: bench/changes.py's open loop, RATE requests/s (Poisson,
 20 % GetCapabilities of the slow project, the rest spread over the 5 demo copies, half
 GetCapabilities, half a 256x256 GetMap: the children about 50-70 % busy. Each set-up
 first has every project loaded on both children and 10 s of the mix, so that each child
-holds them (with affinity memory 5, a child remembers 5 of the 6: the least recently
-served one is not in its warm set). A run counts BEFORE (5 s) of load, then reloads, and
-counts on for AFTER (20 s: the reload and well after it); 2 s uncounted before.
+holds them (affinity memory 100: a child remembers all 6). A run counts BEFORE (5 s) of
+load, then reloads, and counts on for AFTER (20 s: the reload and well after it); 2 s
+uncounted before.
 
 Peers:
 
-- ``fcgipool``: defaults (``projects.warm_budget = 60``): SIGHUP; each replacement is started,
+- ``fcgipool``: defaults (``projects.warm_budget = 30``): SIGHUP; each replacement is started,
   loads its predecessor's warm set and is ready before the child it replaces stops, one at a
   time (``pool.max_recycling = 1``);
 - ``fcgipool warm_budget=0``: the same, but the new children should load no project before
   traffic (only pinned ones, and there are none), so that each pays its first request of
-  each project (as measured on fcgipool 0.1.0: a project whose load time the pool has not
-  learned yet counts as free, so the first replacement still loads its predecessor's warm
-  set: see the ``warm sets`` in the log lines);
+  each project (a project whose load time the pool has not learned counts as 1 s, above
+  the budget of 0: nothing is carried; the first version counted it as free);
 - ``spawn-fcgi+multiwatch``: the service's restart (stop, then start), for context: the
   socket is gone between the two (requests fail meanwhile) and every new child is cold.
 

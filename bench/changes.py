@@ -21,7 +21,7 @@ served a demo copy before, so QGIS's own start-up is not in it: 1.2-1.9 s on the
 a warm GetCapabilities of it takes 1-2 ms, a demo copy's 256x256 GetMap 35-50 ms.
 
 Children: 2 of qgis_mapserv.fcgi (fcgipool's default ``workers``). Peers: ``fcgipool``
-(defaults: change detection every 1 s, affinity memory 5, warm sets), ``fcgipool
+(defaults: change detection every 1 s, affinity memory 100, warm sets), ``fcgipool
 check_interval=0`` (no change detection: QGIS alone reloads, on each child's next request
 for it) and spawn-fcgi+multiwatch, the same 2 children on one shared socket. Both fcgipool
 set-ups log at ``info`` and as JSON (common.Fcgipool logs warnings only, as text), so that
