@@ -262,7 +262,7 @@ def test_access_line_has_every_field_and_milliseconds_with_two_decimals(tmp_path
     logs.configure(fmt, "info", str(path))
     try:
         logs.access(("7", "10.0.0.1", "GET", "/ows?a='b'", "demo", "light", 1234, 0.123456,
-                     12.5, 200, 5120))  # fmt: skip
+                     12.5, 200, 5120, 40, 212))  # fmt: skip
         logs.flush_access()
     finally:
         logs.configure("console", "info", "")
@@ -272,7 +272,8 @@ def test_access_line_has_every_field_and_milliseconds_with_two_decimals(tmp_path
         assert entry["event"] == "access"
         assert entry["wait_ms"] == 0.12 and entry["ms"] == 12.5
         assert entry["uri"] == "/ows?a='b'" and entry["pid"] == 1234 and entry["bytes"] == 5120
+        assert entry["cpu_ms"] == 40 and entry["rss_mib"] == 212
     else:
         assert "event='access'" in line
-        assert " wait_ms=0.12 ms=12.50 status=200 bytes=5120" in line
+        assert " wait_ms=0.12 ms=12.50 status=200 bytes=5120 cpu_ms=40 rss_mib=212" in line
         assert """uri="/ows?a='b'" project='demo' request_class='light' pid=1234""" in line

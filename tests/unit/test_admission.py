@@ -3,6 +3,8 @@ and aliases, and what the child is sent."""
 
 from __future__ import annotations
 
+import structlog
+
 from fcgipool.client import cgi_params
 from fcgipool.protocol import RecordType, encode_begin_request, encode_params, encode_record
 
@@ -39,23 +41,19 @@ def test_a_project_outside_the_allowed_roots_is_refused_before_any_child(harness
     assert sum(len(p.served) for p in h.programs()) == 1
 
 
-def logged(capsys) -> str:
-    """What the pool logged (stdout or stderr, as logs.configure last chose)."""
-    captured = capsys.readouterr()
-    return captured.out + captured.err
-
-
-def test_by_default_a_request_may_not_name_another_project_than_the_web_servers(harness, capsys):
+def test_by_default_a_request_may_not_name_another_project_than_the_web_servers(harness):
     h = harness()
     pinned = {"QGIS_PROJECT_FILE": "/srv/a/a.qgs"}
-    other = h.get("/ows?MAP=/srv/b/secret.qgs&REQUEST=GetCapabilities", extra=pinned)
+    with structlog.testing.capture_logs() as logged:
+        other = h.get("/ows?MAP=/srv/b/secret.qgs&REQUEST=GetCapabilities", extra=pinned)
     same = h.get("/ows?MAP=/srv/a/a.qgs&REQUEST=GetCapabilities", extra=pinned)
     plain = h.get("/ows?REQUEST=GetCapabilities", extra=pinned)
     unpinned = h.get("/ows?MAP=/srv/b/secret.qgs&REQUEST=GetCapabilities")
     assert [other.status, same.status, plain.status, unpinned.status] == [403, 200, 200, 200]
     assert b"not served here" in other.body
     assert sum(len(p.served) for p in h.programs()) == 3
-    assert "reason='the web server set another project'" in logged(capsys)
+    assert [e["reason"] for e in logged if e["event"] == "project_refused"] == [
+        "the web server set another project"]
 
 
 def test_allow_map_override_lets_a_request_name_another_project(harness):
@@ -64,16 +62,18 @@ def test_allow_map_override_lets_a_request_name_another_project(harness):
     assert h.get("/ows?MAP=/srv/b/b.qgs&REQUEST=GetMap", extra=pinned).status == 200
 
 
-def test_only_project_files_may_be_named_by_default(harness, capsys):
+def test_only_project_files_may_be_named_by_default(harness):
     h = harness()
-    statuses = [
-        h.get(f"/ows?MAP={name}&REQUEST=GetCapabilities").status
-        for name in ("/etc/passwd", "/srv/a/", "/srv/a/a.QGZ", "/srv/a/a.qgs",
-                     "postgresql:?service=x&project=p")
-    ]
+    with structlog.testing.capture_logs() as logged:
+        statuses = [
+            h.get(f"/ows?MAP={name}&REQUEST=GetCapabilities").status
+            for name in ("/etc/passwd", "/srv/a/", "/srv/a/a.QGZ", "/srv/a/a.qgs",
+                         "postgresql:?service=x&project=p")
+        ]
     assert statuses == [403, 403, 200, 200, 403]
     assert sum(len(p.served) for p in h.programs()) == 2
-    assert logged(capsys).count("reason='not a project file'") == 3
+    assert [e["reason"] for e in logged if e["event"] == "project_refused"] == [
+        "not a project file"] * 3
 
 
 def test_storage_schemes_let_a_request_name_a_project_in_a_database(harness, tmp_path):

@@ -10,6 +10,8 @@ import json
 import os
 import signal
 
+import structlog
+
 from fcgipool.admin import ControlServer
 from fcgipool.child import State
 
@@ -142,17 +144,17 @@ def test_a_busy_child_reloads_when_its_request_ends_not_before(harness, tmp_path
     assert visitor_loads(h, slow) == 1, "only the first visitor, before any change"
 
 
-def test_a_project_file_that_disappears_is_forgotten_not_reloaded(harness, tmp_path, capsys):
+def test_a_project_file_that_disappears_is_forgotten_not_reloaded(harness, tmp_path):
     h = harness()
     (gone,) = projects(tmp_path, "gone")
     h.processes.project_loads = {gone: 0.5}
     assert h.get(query(gone)).status == 200
     assert holders(h, gone)
     os.unlink(gone)
-    h.run(3.0)
+    with structlog.testing.capture_logs() as logged:
+        h.run(3.0)
     assert holders(h, gone) == [] and h.pool.projects.by_path[gone].missing
-    captured = capsys.readouterr()
-    assert "project_gone" in captured.out + captured.err
+    assert [e["project"] for e in logged if e["event"] == "project_gone"] == [gone]
     assert h.pool.projects.by_path[gone].reloads == 0
     assert h.get(query(gone)).status == 200  # what the child answers; no loop, no crash
     assert h.pool.children.ready() == 2
