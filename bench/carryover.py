@@ -83,29 +83,6 @@ VARIANTS = {DEFAULT: {}, NO_CARRY: {"projects": {"warm_budget": 0}}}
 AFTER_CASE, SLOW_CASE, BEFORE_CASE = "after the reload", "slow project", "before the reload"
 
 
-def setups(
-    ctx: Context, env: dict[str, str], data: Path, copies: int
-) -> list[tuple[str, common.Setup, changes.Projects]]:
-    named = []
-    for i, (peer, settings) in enumerate(VARIANTS.items()):
-        if ctx.wants(peer):
-            root = ctx.root / f"fcgipool{i}"
-            (setup,) = common.make_setups(
-                root,
-                WORKERS,
-                [common.QGIS],
-                env,
-                peers=["fcgipool"],
-                fcgipool_settings={**changes.INFO_LOG, **settings},
-            )
-            named.append((peer, setup, changes.make_projects(root / "projects", copies, data)))
-    if ctx.wants(SPAWN):
-        root = ctx.root / "spawn"
-        (setup,) = common.make_setups(root, WORKERS, [common.QGIS], env, peers=[SPAWN])
-        named.append((SPAWN, setup, changes.make_projects(root / "projects", copies, data)))
-    return named
-
-
 def first_requests_pool(
     lines: list[dict], old: set[int], since: float
 ) -> dict[tuple[int, str], tuple[float, float]]:
@@ -185,7 +162,7 @@ def run(ctx: Context) -> list[Row]:
     quick = ctx.quick
     copies, points = (2, 20_000) if quick else (COPIES, changes.POINTS)
     data = changes.slow_points(ctx.root, points)
-    named = setups(ctx, env, data, copies)
+    named = changes.setups(ctx, env, data, copies, VARIANTS)
     before, after = (1.0, 4.0) if quick else (BEFORE, AFTER)
     ramp = 0.5 if quick else RAMP
     rows: list[Row] = []

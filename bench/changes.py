@@ -476,12 +476,13 @@ def latency_metrics(samples: list[common.Sample]) -> dict[str, float]:
 
 
 def setups(
-    ctx: Context, env: dict[str, str], data: Path, copies: int
+    ctx: Context, env: dict[str, str], data: Path, copies: int,
+    variants: dict[str, dict] | None = None,
 ) -> list[tuple[str, common.Setup, Projects]]:
     """(peer, set-up, its projects) for the peers ``ctx`` wants, each in a directory of its
-    own."""
+    own: fcgipool with each of ``variants`` (VARIANTS by default), and spawn-fcgi."""
     named = []
-    for i, (peer, settings) in enumerate(VARIANTS.items()):
+    for i, (peer, settings) in enumerate((variants or VARIANTS).items()):
         if ctx.wants(peer):
             root = ctx.root / f"fcgipool{i}"
             (setup,) = common.make_setups(

@@ -394,7 +394,10 @@ class ChildSection(_Section):
 
 class LimitsSection(_Section):
     max_connections: int = Field(
-        default=1024, ge=1, description="Front-end connections at once; more are closed at once."
+        default=4096,
+        ge=1,
+        description="Front-end connections at once; more are closed at once (nginx: 502). "
+        "Each waiting request holds one, so keep it above max_waiting times the classes.",
     )
     max_params_size: ByteSize = Field(
         default=ByteSize(65536),
