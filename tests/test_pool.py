@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import fault_config, pool_status, wait_for, wsgi_config
-from fcgipool import client, protocol
+from fcgipool import client, config, protocol
 from fcgipool.processes import SAFE_PATH
 
 
@@ -252,7 +252,8 @@ def test_get_values_answered_by_the_pool(pool_factory, workdir):
                                         protocol.encode_pairs(names.items())))
     codec = protocol.ClientConnection()
     events = wait_for(lambda: codec.feed(sock.recv(4096)), 10, "GET_VALUES_RESULT")
-    assert events[0].values == {b"FCGI_MPXS_CONNS": b"1", b"FCGI_MAX_CONNS": b"1024"}
+    limit = str(config.Config().limits.max_connections).encode()  # the default's
+    assert events[0].values == {b"FCGI_MPXS_CONNS": b"1", b"FCGI_MAX_CONNS": limit}
     sock.sendall(protocol.encode_record(42, 0, b"\0" * 8))
     events = wait_for(lambda: codec.feed(sock.recv(4096)), 10, "UNKNOWN_TYPE")
     assert events[0] == protocol.UnknownTypeResult(42)
