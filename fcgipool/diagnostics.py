@@ -19,7 +19,6 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import logs
@@ -130,7 +129,7 @@ class Diagnostics:
         assert process.stdout is not None
         reader = asyncio.StreamReader(limit=OUTPUT_LIMIT * 2)
         transport, _ = await self.loop.connect_read_pipe(
-            _factory(lambda: asyncio.StreamReaderProtocol(reader)), process.stdout
+            lambda: asyncio.StreamReaderProtocol(reader), process.stdout
         )
         output, timed_out = b"", False
         try:
@@ -159,6 +158,3 @@ class Diagnostics:
         log.info("slow_request_command", pid=pid, request=request_id, about=event,
                  timed_out=timed_out, truncated=cut, output=text)  # fmt: skip
 
-
-def _factory(make: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.BaseProtocol]:
-    return make

@@ -40,7 +40,6 @@ class Project:
     reloads: int = 0  # of those, because the file changed (or `projects refresh`)
     load_seconds: float = 0.0  # learned time of one load; 0 until measured
     load_total: float = 0.0
-    pinned: bool = False  # `fcgipool projects warm`: kept on every child until unpinned
     dropped: bool = False  # `fcgipool projects drop`: no child is asked to hold it
     missing: bool = False  # the file is gone
 
@@ -103,7 +102,8 @@ class Projects:
 
     def _forget_one(self) -> None:
         """Room for one more: the least requested project nobody pinned."""
-        candidates = [p for p in self.by_path.values() if not p.pinned]
+        pinned = set(self.pinned())
+        candidates = [p for p in self.by_path.values() if p.path not in pinned]
         if candidates:
             del self.by_path[min(candidates, key=lambda p: p.requests).path]
 
@@ -151,7 +151,6 @@ class Projects:
     def pin(self, path: str, pinned: bool) -> Project:
         """`fcgipool projects warm` pins, `unpin` unpins (until a restart)."""
         project = self.seen(path)
-        project.pinned = pinned
         project.dropped = project.dropped and not pinned
         if pinned:
             self.pins[path] = None
