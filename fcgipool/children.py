@@ -83,6 +83,8 @@ class Processes(Protocol):
     def cpu_percent(self, child: Child) -> float: ...
     def usage(self, child: Child) -> tuple[int, int]:
         """CPU clock ticks so far and resident pages (0, 0 when unknown)."""
+    def killed_for_memory(self, child: Child) -> bool:
+        """Whether the kernel killed the reaped ``child`` at child.max_memory."""
 
 
 class Dispatcher(Protocol):
@@ -837,20 +839,28 @@ class Children:
                 self._exited(child, status)
 
     def _exited(self, child: Child, status: int) -> None:
-        failed = child.failure or not child.stop_requested
+        memory = self.processes.killed_for_memory(child)
+        failed = memory or child.failure or not child.stop_requested
+        request = child.request
         _move(child, State.DEAD)
         self.dispatcher.forget(child)
         self._close_connection(child)
         self.processes.forget(child)
         self.all.remove(child)
         level = log.warning if failed else log.info
-        level("child_exited", pid=child.pid, status=describe_status(status), failure=failed)
+        details = {"reason": "max_memory"} if memory else {}
+        if memory and request is not None:
+            details.update(request=request.id, uri=request.uri)
+        level("child_exited", pid=child.pid, status=describe_status(status), failure=failed,
+              **details)  # fmt: skip
         if failed:
             if child.ready_at:  # one that never got ready may have failed on its warm set
                 self._bequeath(child)
             reason = child.exit_reason or ("killed" if child.stop_requested else "crash")
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in _OUR_SIGNALS:
                 reason = "crash"  # e.g. SIGSEGV while its failed probe was being handled
+            if memory:
+                reason = "max_memory"  # the kernel's OOM kill at the cap: SIGKILL
             self.accounting.restarted(reason)
             self._failure(describe_status(status))
         if self.stopping:

@@ -384,6 +384,16 @@ class ChildSection(_Section):
         description="Recycle a child whose resident memory exceeds this; 0 is never. Checked "
         "between requests, every rss_interval seconds.",
     )
+    max_memory: ByteSize = Field(
+        default=ByteSize(0),
+        ge=0,
+        description="A hard cap on each child's memory, enforced by the kernel: a cgroup v2 "
+        "leaf per child with memory.max where the pool has a delegated cgroup (systemd "
+        "Delegate=yes), else the v1 memory cgroup when the pool may write it (root), else "
+        "RLIMIT_AS (the address space, far above the RSS for QGIS). A child killed at the "
+        "cap is replaced with restart reason max_memory; 0 is no cap. max_rss is the soft "
+        "limit.",
+    )
     rss_interval: Seconds = Field(
         default=5.0, description="Seconds between memory checks of the children."
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from . import logs
+from . import logs, memcap
 from .child import Child, ChildConnection
 from .config import ChildSection, Config
 
@@ -54,10 +54,12 @@ def describe_status(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-def _set_parent_death_signal() -> None:
-    """Runs in the child between fork and exec: die with the pool, even by SIGKILL."""
+def _prepare_child(entry: memcap.Entry) -> None:
+    """Runs in the child between fork and exec: die with the pool, even by SIGKILL; enter
+    the memory cap."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    entry.apply()
 
 
 def read_usage(stat: int) -> tuple[int, int]:
@@ -147,6 +149,7 @@ class OsProcesses:
     def __init__(self, loop: asyncio.AbstractEventLoop, runtime_dir: str, config: Config) -> None:
         self.loop = loop
         self.runtime_dir = runtime_dir
+        self.cap = memcap.MemoryCap()
         self.configure(config)
         self.exited: Callable[[], None] | None = None  # set: learn of exits from pidfds
         self._processes: dict[int, _Process] = {}
@@ -157,6 +160,10 @@ class OsProcesses:
         self.env = child_environment(config.child, os.environ)
         self.log_output = config.log.child_output
         self.output_rate = config.log.child_output_rate
+        limit = int(config.child.max_memory)
+        if limit and self.cap.mechanism == "off":
+            self.cap = memcap.choose(limit)  # once: the mechanism does not change
+        self.cap.limit = limit
 
     def watch_pidfds(self, exited: Callable[[], None]) -> None:
         """SIGCHLD is not ours (uvloop): call ``exited`` when a child's pidfd says so."""
@@ -175,6 +182,7 @@ class OsProcesses:
             identity["group"] = section.group or pwd.getpwnam(section.user).pw_gid
         elif section.group:
             identity = {"group": section.group}
+        entry = self.cap.enter(child.number) if self.cap.limit else memcap.Entry()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(child.socket_path)
@@ -187,11 +195,12 @@ class OsProcesses:
                 cwd=section.cwd,
                 env=self.env,
                 close_fds=True,
-                preexec_fn=_set_parent_death_signal,
+                preexec_fn=partial(_prepare_child, entry),
                 **identity,
             )
         finally:
             listener.close()
+            self.cap.entered(entry)
         child.pid = popen.pid
         measured = None
         with contextlib.suppress(psutil.Error):
@@ -251,9 +260,18 @@ class OsProcesses:
         return reaped
 
     def forget(self, child: Child) -> None:
-        """The child was reaped: its socket file goes."""
+        """The child was reaped: its socket file and its memory cap's leaf go."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(child.socket_path)
+        self.cap.release(child.number)
+
+    def killed_for_memory(self, child: Child) -> bool:
+        """Whether the kernel killed the (reaped) child at child.max_memory."""
+        return self.cap.killed(child.number)
+
+    def close(self) -> None:
+        """The pool stops: the memory cap's cgroups go."""
+        self.cap.close()
 
     def usage(self, child: Child) -> tuple[int, int]:
         """CPU time (user and system, all threads) in clock ticks and resident pages, from

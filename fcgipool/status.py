@@ -53,6 +53,7 @@ class PoolView(Protocol):
     def now(self) -> float: ...
     def uptime(self) -> float: ...
     def readiness(self) -> tuple[bool, str]: ...
+    def memory_cap(self) -> dict[str, object]: ...
 
 
 def child_counts(children: Children) -> dict[str, int]:
@@ -143,6 +144,8 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
             "max_waiting": pool.config.limits.max_waiting,
             "connections": len(pool.frontend.connections),
             "requests_served": pool.accounting.requests_served,
+            "restarts": dict(pool.accounting.restarts),
+            "memory_cap": pool.memory_cap(),
             "failure_pressure": round(children.failure_pressure(), 4),
             "max_failure_pressure": pool.config.pool.max_failure_pressure,
             "stopping": pool.stopping,

@@ -166,6 +166,12 @@ class Pool:
     def metrics(self) -> bytes:
         return self._metrics.render()
 
+    def memory_cap(self) -> dict[str, object]:
+        """How child.max_memory is enforced (memcap.py)."""
+        if self.os_processes is not None:
+            return self.os_processes.cap.view()
+        return {"mechanism": "off", "max_memory": int(self.config.child.max_memory), "cgroup": None}
+
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: enough ready children, room in the queue, pressure under the limit,
         and not stopping."""
@@ -244,6 +250,8 @@ class Pool:
             self.listeners.unlink()
             self.admin_listeners.unlink()
             shutil.rmtree(runtime_dir, ignore_errors=True)
+            if self.os_processes is not None:
+                self.os_processes.close()
             log.info("pool_stopped", exit_code=self.exit_code)
 
     def _runtime_base(self) -> str:

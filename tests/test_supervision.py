@@ -395,3 +395,38 @@ def test_a_hanging_request_is_reported_slow_then_stuck_with_proc_and_a_bounded_c
     assert all(len(line) < 70_000 for line in outputs), "the output is bounded to 64 KiB"
     assert pool_status(pool)["pool"]["slow_requests"] == 1
     assert client.request(pool.address, "/?n=after").status == 200
+
+
+@pytest.mark.parametrize("user", [None, "nobody"])
+def test_a_child_over_max_memory_is_killed_by_the_kernel_and_replaced(pool_factory, workdir,
+                                                                     user):  # fmt: skip
+    config = fault_config(workdir, pool={"workers": 2}, child={"max_memory": "100MiB"})
+    if user:  # the child drops root before exec: it enters its cgroup all the same
+        config["child"].pop("allow_root")
+        config["child"]["user"] = user
+    pool = pool_factory(config)
+    cap = pool_status(pool)["pool"]["memory_cap"]
+    assert cap["mechanism"] in ("cgroup2", "cgroup1"), f"not enforced by a cgroup: {cap}"
+    leaves = sorted(Path(cap["cgroup"]).glob("child-*"))
+    assert len(leaves) == 2
+    before = set(pool.children())
+    assert client.request(pool.address, "/?grow=10").status == 200, "under the cap: served"
+    response = client.request(pool.address, "/?grow=300", "POST", b"x")
+    assert response.status == 502, "not repeatable: a clean 502"
+    wait_for(lambda: len(set(pool.children()) - before) == 1 and len(pool.children()) == 2,
+             20, "the killed child replaced")  # fmt: skip
+    log = pool.log()
+    assert re.search(r"child_exited .*reason=max_memory.*status='?killed by SIGKILL", log) or (
+        re.search(r"child_exited .*status='?killed by SIGKILL.*reason=max_memory", log)
+    ), log[-2000:]
+    assert "uri='/?grow=300'" in log or "uri=/?grow=300" in log
+    status = pool_status(pool)
+    assert status["pool"]["restarts"] == {"max_memory": 1}
+    assert client.request(pool.address, "/").status == 200, "the next request is served"
+    wait_for(lambda: len(sorted(Path(cap["cgroup"]).glob("child-*"))) == 2, 10,
+             "the dead child's leaf removed")  # fmt: skip
+    assert pool.process.poll() is None, "the pool stays up"
+    assert pool.stop() == 0
+    assert not list(Path(cap["cgroup"]).glob("child-*")), "every leaf removed at stop"
+    if cap["mechanism"] == "cgroup1":
+        assert not Path(cap["cgroup"]).exists(), "and the pool's own v1 group"

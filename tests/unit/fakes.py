@@ -386,6 +386,7 @@ class FakeProcesses:
         # Project files and their load times: a program then caches projects as QGIS does
         # (by path, reloading one whose file changed) and takes the load time first.
         self.project_loads: dict[str, float] = {}
+        self.memory_kills: set[int] = set()  # pids the "kernel" killed at child.max_memory
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())
@@ -437,6 +438,9 @@ class FakeProcesses:
         if program is None or not program.alive:
             return 0, 0
         return program.cpu_ticks, program.rss // 4096
+
+    def killed_for_memory(self, child: Child) -> bool:
+        return child.pid in self.memory_kills
 
     def alive(self) -> list[FakeProgram]:
         return [program for program in self.programs.values() if program.alive]
