@@ -160,7 +160,8 @@ class SimChild:
     dispatcher and children.py use)."""
 
     __slots__ = ("alive", "cache", "limit", "name", "projects", "ready", "replaced",
-                 "replaces", "retiring", "served", "slot", "stale", "warm_set")  # fmt: skip
+                 "replaces", "request", "retiring", "served", "slot", "stale",
+                 "warm_set")  # fmt: skip
 
     def __init__(self, name: str, slot: int, limit: int) -> None:
         self.name = name
@@ -176,6 +177,7 @@ class SimChild:
         self.retiring = False  # recycled: its replacement is starting
         self.replaced = False  # and is ready: it stops when next free
         self.replaces: SimChild | None = None
+        self.request: SimRequest | None = None  # the one it serves
 
     def __repr__(self) -> str:
         return self.name
@@ -486,6 +488,8 @@ class Fcgipool(Policy):
     def waiting(self) -> Iterator[SimRequest]:
         for queue in self.classes:
             yield from queue  # type: ignore[misc]
+        for held in self.dispatcher.held.values():
+            yield from (request for _, request in held)  # type: ignore[misc]
 
     def tick(self) -> None:
         """supervisor.py's tick (queue timeouts), and every check_interval the pending
@@ -860,6 +864,7 @@ class Simulation:
         """``child`` takes ``request``: it loads the project if it must, then works."""
         now = self.now
         request.child = child
+        child.request = request
         if not request.started:
             request.started = now
         if self.policy.peer and not request.outcome and now - request.created > PEER_TIMEOUT:
@@ -885,7 +890,7 @@ class Simulation:
     def _finish(self, request: SimRequest) -> None:
         child = request.child
         assert child is not None
-        request.child = None
+        request.child = child.request = None
         child.served += 1
         if not request.outcome:
             self.resolve(request, "served", self.now - request.created)
@@ -894,7 +899,7 @@ class Simulation:
     def _crash(self, request: SimRequest) -> None:
         child = request.child
         assert child is not None
-        request.child = None
+        request.child = child.request = None
         child.alive = False
         self.stats.crashes += self.counting()
         self.policy.crashed(request, child)

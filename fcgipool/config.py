@@ -710,6 +710,13 @@ class TuningSection(_Section):
         "long_request) never takes the last free children that short requests have needed "
         "lately. Off when any class sets `reserved` (that reservation is used instead).",
     )
+    hold_for_holder: bool = Field(
+        default=True,
+        description="A request whose project no idle child holds waits for a busy child "
+        "that holds it, when that child will be free (after the requests held for it "
+        "already) within half the project's learned load time, instead of loading the "
+        "project on an idle child. Needs projects.memory.",
+    )
     long_request: Seconds = Field(
         default=0.5,
         description="Predicted seconds from which a request is long (protect_short).",

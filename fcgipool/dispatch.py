@@ -20,7 +20,13 @@ classes, the highest priority first: when every child is busy on heavy maps, a
 GetCapabilities goes first.
 
 Among idle children the one that served the request's project recently is preferred (its
-project cache is warm), else the one whose remembered projects are least in demand.
+project cache is warm), else the one whose remembered projects are least in demand. When no
+idle child holds the project but a busy one does and will be free, with the requests held
+for it before, in less than half the project's learned load time, the request is *held*
+for that child instead of loading the project on a cold one (``tuning.hold_for_holder``):
+a burst of tiles of one slow project waits a few tile times for its warm children instead
+of paying a load on twenty cold ones. A held request goes to its class's queue, first,
+once it has waited half a load.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ AFFINITY_MAX_WAIT = 2.0  # seconds; a head that waited longer is never passed ov
 LANES = 16  # cost lanes of a queue: lane n holds predicted costs of 2**(n-1) to 2**n ms
 UNKNOWN_COST = 0.1  # seconds a request is assumed to take before anything is learned
 SHORT_WINDOW = 10.0  # seconds over which the children used by short requests are averaged
+HOLD_SHARE = 0.5  # a request waits for a busy holder only if that beats half a load
 
 
 def lane(cost: float) -> int:
@@ -183,6 +190,12 @@ class Dispatcher:
         self.peak_waiting = Peak()
         self.peak_busy = Peak()
         self.all_busy = 0  # times a request took the last idle child
+        # Requests held for a busy child that holds their project: per project, in order,
+        # (deadline, request) and their predicted seconds.
+        self.held: dict[str, deque[tuple[float, Request]]] = {}
+        self.held_work: dict[str, float] = {}
+        self.held_count = 0
+        self.holds = 0  # requests held since start
         self.configure(config, rules)
 
     def configure(self, config: Config, rules: list[Rule]) -> None:
@@ -195,6 +208,7 @@ class Dispatcher:
         self.long_request = tuning.long_request
         self.debug = config.log.level == "debug"
         self.memory = config.projects.memory
+        self.hold = tuning.hold_for_holder and bool(self.memory)
         self.max_per_client = config.limits.max_per_client
         self.client_param = config.limits.client_param.encode("latin-1")
         old = self.classes
@@ -217,7 +231,7 @@ class Dispatcher:
 
     @property
     def waiting(self) -> int:
-        return sum(queue.length for queue in self.classes.values())
+        return sum(queue.length for queue in self.classes.values()) + self.held_count
 
     def backlog(self) -> float:
         """Predicted seconds of work of every waiting request. A request queued before
@@ -228,7 +242,7 @@ class Dispatcher:
             total += queue.total_work
             if queue.unknown:
                 total += queue.unknown * self._guess(queue.name)
-        return total
+        return total + sum(self.held_work.values())
 
     def _guess(self, name: str) -> float:
         learned = self.costs.by_class.get(name)
@@ -259,6 +273,8 @@ class Dispatcher:
             (self.unlimited and not (request.long and self.protect))
             or self._may_start(queue, request)
         ):
+            if self.hold and request.project and not first and self._held(request):
+                return
             self._start(queue, request)
             return
         if not first:
@@ -330,8 +346,102 @@ class Dispatcher:
 
     def withdraw(self, request: Request) -> None:
         queue = self.classes.get(request.request_class)
-        if queue is not None:
-            queue.remove(request)
+        if queue is not None and queue.remove(request):
+            return
+        held = self.held.get(request.project)
+        if held is not None:
+            for entry in held:
+                if entry[1] is request:
+                    held.remove(entry)
+                    self._unheld(request)
+                    break
+
+    # ------------------------------------------------------------------ holding
+
+    def _held(self, request: Request) -> bool:
+        """Hold ``request`` for a busy child that holds its project, when one will be free
+        (after what is held for it already) sooner than half a load on an idle child that
+        does not hold it; no idle child holds it."""
+        project = request.project
+        for child in self.idle:
+            if project in child.projects:
+                return False
+        now = self.clock()
+        load = self.projects.load_estimate(project)
+        holders, soonest = 0, math.inf
+        for child in self.members:
+            running = child.request
+            if running is not None and project in child.projects:
+                holders += 1
+                elapsed = now - running.started
+                # a cold one loads the project first; past its prediction, a request may
+                # run as long again
+                cost = running.cost + load if running.cold else running.cost
+                left = cost - elapsed if cost > elapsed else elapsed
+                if left < soonest:
+                    soonest = left
+        if not holders:
+            return False
+        wait = soonest + self.held_work.get(project, 0.0) / holders
+        if wait >= HOLD_SHARE * load:
+            return False
+        held = self.held.get(project)
+        if held is None:
+            held = self.held[project] = deque()
+        queue = self.classes[request.request_class]
+        held.append((now + min(HOLD_SHARE * load, queue.queue_timeout / 2), request))
+        self.held_work[project] = self.held_work.get(project, 0.0) + request.cost
+        self.held_count += 1
+        self.holds += 1
+        request.queued_at = now
+        self.peak_waiting.see(self.waiting)
+        if self.debug:
+            log.debug("held", uri=request.uri, project=project, holders=holders,
+                      predicted_wait=round(wait, 3), load=round(load, 3))  # fmt: skip
+        return True
+
+    def _queue_of(self, request: Request) -> ClassQueue:
+        """Its class's queue; default's when a reload removed its class while it was held
+        (a ClassQueue with nothing waiting is falsy: no ``or``)."""
+        queue = self.classes.get(request.request_class)
+        return queue if queue is not None else self.classes["default"]
+
+    def _unheld(self, request: Request) -> None:
+        project = request.project
+        self.held_count -= 1
+        if self.held[project]:
+            self.held_work[project] -= request.cost
+        else:
+            del self.held[project], self.held_work[project]
+
+    def _give_held(self, child: Child) -> bool:
+        """A child became idle: a request held for its projects starts on it, unless a
+        class of higher priority has requests waiting."""
+        for project, held in self.held.items():
+            if project in child.projects:
+                request = held[0][1]
+                queue = self._queue_of(request)
+                if not self._may_start(queue, request) or any(
+                    other.length and other.priority > queue.priority for other in self.by_priority
+                ):
+                    continue
+                held.popleft()
+                self._unheld(request)
+                self._start(queue, request)  # _pick: the idle holder used last, this one
+                return True
+        return False
+
+    def _release_held(self, now: float) -> None:
+        """Requests held past their deadline go first in their class's queue."""
+        for project in list(self.held):
+            held = self.held[project]
+            while held and held[0][0] <= now:
+                _, request = held.popleft()
+                self._unheld(request)
+                queue = self._queue_of(request)
+                queue.push(request, first=True)
+        if self.idle:
+            self._dispatch()
 
     # ------------------------------------------------------------------ children
 
@@ -343,6 +453,8 @@ class Dispatcher:
         """A child is free: give it the best waiting request that may start, else keep it."""
         self.members.add(child)
         self.idle.append(child)
+        if self.held and self._give_held(child):
+            return
         self._dispatch()
 
     def take_out(self, child: Child) -> None:
@@ -535,7 +647,9 @@ class Dispatcher:
     def expire(self, now: float) -> None:
         """503 for requests that waited past their class's queue_timeout. Each lane is in
         arrival order, so only its head needs looking at (a few times a second, instead of
-        a timer per request)."""
+        a timer per request). Held requests past their deadline join their queue first."""
+        if self.held:
+            self._release_held(now)
         for queue in self.by_priority:
             if not queue.length:
                 continue
@@ -548,6 +662,12 @@ class Dispatcher:
 
     def fail_waiting(self, body: bytes) -> None:
         """Answer every waiting request with a 503 (the pool is stopping)."""
+        held = [request for waiting in self.held.values() for _, request in waiting]
+        self.held.clear()
+        self.held_work.clear()
+        self.held_count = 0
+        for request in held:
+            request.respond(503, body)
         for queue in self.by_priority:
             for n in range(LANES):
                 while queue.lanes[n]:

@@ -127,6 +127,11 @@ class Projects:
             if cold and not project.load_seconds and seconds > cost:
                 project.load_seconds = seconds - cost
 
+    def load_estimate(self, path: str) -> float:
+        """Seconds a child takes to load ``path``: learned, else UNKNOWN_LOAD."""
+        project = self.by_path.get(path)
+        return project.load_seconds or UNKNOWN_LOAD if project is not None else UNKNOWN_LOAD
+
     def loaded_by_request(self, path: str) -> None:
         """A request goes to a child that does not hold ``path``: it loads it (unless QGIS
         still has it cached beyond what the pool remembers), and the visitor waits."""

@@ -107,7 +107,9 @@ def test_a_changed_project_reaches_every_child_before_a_visitor_pays_the_load(
         thread.join(60)
     assert others and max(others) < WARM, f"the other project paid a load: {max(others)}"
     row = projects(pool)[slow]
-    assert row["load_seconds"] > 0.2 and row["reloads"] >= 4
+    # the load time is learned: 0.4-0.6 s for a first load, down to 0.18 s for a reload
+    # with the CSV in the page cache; a warm GetCapabilities takes milliseconds
+    assert row["load_seconds"] > 0.05 and row["reloads"] >= 4
     assert "project_changed" in pool.log()
 
 
