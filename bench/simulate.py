@@ -78,7 +78,8 @@ CHANGES = (
     "and is replaced, one at a time, by a child that loads it first; the peers' "
     "children load it again on their next request of it"
 )
-POLICIES = ("fcgipool", "fcgipool:projects.memory=5", "random-idle", "round-robin", "first-idle")
+POLICIES = ("fcgipool", "fcgipool:tuning.hold_for_holder=false", "fcgipool:projects.memory=5",
+            "random-idle", "round-robin", "first-idle")
 
 
 @dataclass
