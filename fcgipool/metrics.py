@@ -204,6 +204,16 @@ class _PoolCollector:
             value=dispatcher.queue_full,
         )
         yield GaugeMetricFamily(
+            "fcgipool_requests_held",
+            "Requests waiting for a busy child that holds their project (hold_for_holder).",
+            value=dispatcher.held_count,
+        )
+        yield CounterFamily(
+            "fcgipool_holds",
+            "Requests held for a busy child that holds their project, since start.",
+            value=dispatcher.holds,
+        )
+        yield GaugeMetricFamily(
             "fcgipool_reserved_for_short",
             "Children kept free for short requests (learned; tuning.protect_short).",
             value=dispatcher.reserve() if dispatcher.protect else 0,

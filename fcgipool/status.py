@@ -137,6 +137,7 @@ def snapshot(pool: PoolView) -> dict[str, Any]:
                 for queue in dispatcher.by_priority
             },
             "refused_predicted_wait": dispatcher.refused,
+            "held": {"now": dispatcher.held_count, "since_start": dispatcher.holds},
             "peaks": dispatcher.peaks(),
             "slow_requests": pool.diagnostics.reported,
             "reserved_for_short": dispatcher.reserve() if dispatcher.protect else 0,

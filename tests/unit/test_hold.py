@@ -33,7 +33,9 @@ def test_a_request_waits_for_the_busy_holder_instead_of_loading_on_an_idle_child
     second = web.request(query(slow) + "&tile=2", request_id=2)
     h.settle()
     assert h.pool.dispatcher.held_count == 1 and len(h.pool.dispatcher.idle) == 1
-    assert h.pool.status()["pool"]["queue_length"] == 1, "a held request is waiting"
+    pool = h.pool.status()["pool"]
+    assert pool["queue_length"] == 1 and pool["held"] == {"now": 1, "since_start": 1}
+    assert b"fcgipool_requests_held 1.0" in h.pool.metrics()
     started = h.now()
     h.until(lambda: second.end is not None, within=1.0, what="the second answered")
     assert first.status == 200 and second.status == 200
