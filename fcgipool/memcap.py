@@ -238,11 +238,7 @@ def _remove_leaves(group: Path) -> None:
 def _cgroup_mounts(proc: Path) -> dict[str, Path]:
     """Mount points by what they hold: "cgroup2", or a v1 controller ("memory")."""
     mounts: dict[str, Path] = {}
-    try:
-        lines = (proc / "mountinfo").read_text().splitlines()
-    except OSError:
-        return mounts
-    for line in lines:
+    for line in _lines(proc / "mountinfo"):
         fields, _, tail = line.partition(" - ")
         parts, kind = fields.split(), tail.split()
         if len(parts) < 5 or len(kind) < 3 or parts[3] != "/":
@@ -258,11 +254,7 @@ def _cgroup_mounts(proc: Path) -> dict[str, Path]:
 def _own_cgroups(proc: Path) -> dict[str, str]:
     """The pool's cgroup path per v1 controller, and under "" the v2 one."""
     groups: dict[str, str] = {}
-    try:
-        lines = (proc / "cgroup").read_text().splitlines()
-    except OSError:
-        return groups
-    for line in lines:
+    for line in _lines(proc / "cgroup"):
         _, controllers, path = line.split(":", 2)
         for controller in controllers.split(",") if controllers else [""]:
             groups[controller] = path
@@ -278,13 +270,19 @@ def _write(path: Path, value: str) -> None:
         file.write(value)
 
 
+def _lines(path: Path) -> list[str]:
+    """The lines of a /proc or cgroup file; none when it cannot be read."""
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _counter(path: Path, name: str) -> int:
     """``name N`` from a flat-keyed cgroup file; 0 when absent or unreadable."""
-    try:
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == name:
+    for line in _lines(path):
+        key, _, value = line.partition(" ")
+        if key == name:
+            with contextlib.suppress(ValueError):
                 return int(value)
-    except (OSError, ValueError):
-        pass
     return 0

@@ -21,24 +21,31 @@ def one_holder(h, tmp_path) -> tuple[str, object]:
     return slow, program
 
 
+def held_behind(h, tmp_path, sleep: float):
+    """One child holds the slow project and is busy for ``sleep`` s on it; a second request
+    for it arrives at once. (slow, the holder's program, the web server, the second)."""
+    slow, holder = one_holder(h, tmp_path)
+    web = h.connect()
+    web.request(query(slow) + f"&sleep={sleep}", request_id=1)
+    h.settle()
+    second = web.request(query(slow) + "&tile=2", request_id=2)
+    h.settle()
+    return slow, holder, web, second
+
+
 def test_a_request_waits_for_the_busy_holder_instead_of_loading_on_an_idle_child(
     harness, tmp_path
 ):
     h = harness()
-    slow, holder = one_holder(h, tmp_path)
-    web = h.connect()
-    first = web.request(query(slow) + "&sleep=0.2", request_id=1)
-    h.settle()
+    slow, holder, _, second = held_behind(h, tmp_path, 0.2)
     assert holder.busy, "the holder took the first"
-    second = web.request(query(slow) + "&tile=2", request_id=2)
-    h.settle()
     assert h.pool.dispatcher.held_count == 1 and len(h.pool.dispatcher.idle) == 1
     pool = h.pool.status()["pool"]
     assert pool["queue_length"] == 1 and pool["held"] == {"now": 1, "since_start": 1}
     assert b"fcgipool_requests_held 1.0" in h.pool.metrics()
     started = h.now()
     h.until(lambda: second.end is not None, within=1.0, what="the second answered")
-    assert first.status == 200 and second.status == 200
+    assert second.status == 200
     assert h.now() - started < LOAD / 2, "it waited for the holder, not for a load"
     assert visitor_loads(h, slow) == 0, "no visitor paid a load"
     assert len(holder.served) == 2
@@ -62,12 +69,7 @@ def test_a_holder_that_will_be_busy_longer_than_half_a_load_is_not_waited_for(
 
 def test_a_held_request_goes_to_any_child_after_half_a_load(harness, tmp_path):
     h = harness()
-    slow, holder = one_holder(h, tmp_path)
-    web = h.connect()
-    web.request(query(slow) + "&sleep=10", request_id=1)
-    h.settle()
-    second = web.request(query(slow) + "&tile=2", request_id=2)
-    h.settle()
+    slow, holder, _, second = held_behind(h, tmp_path, 10)
     assert h.pool.dispatcher.held_count == 1, "the holder has just started: worth a wait"
     held_at = h.now()
     h.until(lambda: second.end is not None, within=LOAD * 2, what="the second answered")
@@ -79,12 +81,7 @@ def test_a_held_request_goes_to_any_child_after_half_a_load(harness, tmp_path):
 
 def test_a_held_request_whose_client_goes_is_forgotten(harness, tmp_path):
     h = harness()
-    slow, holder = one_holder(h, tmp_path)
-    web = h.connect()
-    web.request(query(slow) + "&sleep=0.5", request_id=1)
-    h.settle()
-    web.request(query(slow) + "&tile=2", request_id=2)
-    h.settle()
+    _, holder, web, _ = held_behind(h, tmp_path, 0.5)
     assert h.pool.dispatcher.held_count == 1
     web.abort(2)
     h.settle()
@@ -95,12 +92,7 @@ def test_a_held_request_whose_client_goes_is_forgotten(harness, tmp_path):
 
 def test_with_hold_for_holder_off_the_idle_child_loads_the_project(harness, tmp_path):
     h = harness({"tuning": {"hold_for_holder": False}})
-    slow, _ = one_holder(h, tmp_path)
-    web = h.connect()
-    web.request(query(slow) + "&sleep=0.2", request_id=1)
-    h.settle()
-    second = web.request(query(slow) + "&tile=2", request_id=2)
-    h.settle()
+    slow, _, _, second = held_behind(h, tmp_path, 0.2)
     assert h.pool.dispatcher.held_count == 0
     h.until(lambda: second.end is not None, within=LOAD + 1, what="the second answered")
     assert visitor_loads(h, slow) == 1
