@@ -20,6 +20,7 @@ class FakeChild:
         self.name = name
         self.projects: OrderedDict[str, None] = OrderedDict()
         self.stale: set[str] = set()
+        self.request = None  # the one it serves (dispatch.py's holding reads it)
 
     def __repr__(self) -> str:
         return self.name
