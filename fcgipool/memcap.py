@@ -7,8 +7,8 @@ stops the child at the bound. The first of these that works is used, chosen once
 - **cgroup2**: the pool's own cgroup, delegated to it (systemd ``Delegate=yes``) with the
   memory controller. The pool moves its own process into a leaf ``supervisor`` (a cgroup
   with processes cannot hand controllers to its children), enables ``+memory`` below, and
-  gives each child a leaf ``child-N`` with ``memory.max`` (no swap, the whole leaf killed
-  together). ``memory.events`` counts the kernel's OOM kills.
+  gives each child a leaf ``child-PID-N`` (the pool's pid) with ``memory.max`` (no swap,
+  the whole leaf killed together). ``memory.events`` counts the kernel's OOM kills.
 - **cgroup1**: the v1 memory hierarchy (hybrid hosts), the pool's memory cgroup writable
   (root): a group ``fcgipool-PID/child-N`` with ``memory.limit_in_bytes`` (and
   ``memory.memsw.limit_in_bytes``, so that it cannot swap instead); ``memory.oom_control``
@@ -135,6 +135,11 @@ class _CgroupCap(MemoryCap):
 class Cgroup2Cap(_CgroupCap):
     mechanism = "cgroup2"
     events = "memory.events"
+
+    def leaf(self, number: int) -> Path:
+        """With the pool's pid: a leaf kept by an orphan of an earlier run (same unit) is
+        never entered again, its kill count and its limit stay its own."""
+        return self.base / f"child-{os.getpid()}-{number}"
 
     def limit_leaf(self, leaf: Path) -> None:
         _write(leaf / "memory.max", str(self.limit))

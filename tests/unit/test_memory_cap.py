@@ -49,7 +49,7 @@ def test_a_delegated_v2_cgroup_gets_a_leaf_per_child_with_memory_max(tmp_path):
     assert (own / "cgroup.subtree_control").read_text() == "+memory"
     # the no-internal-processes rule: what lived in the pool's cgroup moved to a leaf
     assert (own / "supervisor" / "cgroup.procs").read_text() == "4243"  # the last write
-    leaf = own / "child-7"
+    leaf = own / f"child-{os.getpid()}-7"
     leaf.mkdir()
     (leaf / "cgroup.procs").write_text("")
     (leaf / "memory.swap.max").write_text("max\n")  # the kernel makes these files
