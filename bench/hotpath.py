@@ -141,6 +141,9 @@ class NoProcesses:
     def usage(self, child: Child) -> tuple[int, int]:
         return read_usage(self.stat)
 
+    def cpu_busy(self) -> float | None:
+        return None  # a fixed pool of one: never asked
+
 
 async def _measure(config: configuration.Config, requests: int, profile: bool) -> float:
     loop = asyncio.get_running_loop()

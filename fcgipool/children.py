@@ -10,7 +10,10 @@ supervisor is told, and exits.
 ``workers`` is the target, between ``minimum`` and ``maximum``: scaling.py decides when one
 more child is needed or an idle one may go, and :meth:`Children.grow` and
 :meth:`Children.retire_idle` carry it out. The time a child takes from spawn to ready (probe
-and warm-up included) is learned here (``start_seconds``) for those decisions.
+and warm-up included) is learned here (``start_seconds``) for those decisions, from the
+starts after the pool first became ready: the first children start together and cold (an
+empty page cache, a new profile: 10.5 s for a QGIS child that later starts in 2 s), so their
+time says little about the start of one more child under load.
 
 Every move of a child's state is checked against :data:`TRANSITIONS`. What a process is
 (fork, exec, signals, waitpid) is behind :class:`Processes`: the real one is
@@ -85,6 +88,8 @@ class Processes(Protocol):
         """CPU clock ticks so far and resident pages (0, 0 when unknown)."""
     def killed_for_memory(self, child: Child) -> bool:
         """Whether the kernel killed the reaped ``child`` at child.max_memory."""
+    def cpu_busy(self) -> float | None:
+        """How busy the pool's CPUs are (0-1; hostcpu.CpuMeter), None when unknown."""
 
 
 class Dispatcher(Protocol):
@@ -357,10 +362,11 @@ class Children:
         child.ready_at = self.loop.time()
         elapsed = round(child.ready_at - child.started_at, 3)
         log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=child.warmups_done)
-        learned = self.start_seconds
-        self.start_seconds = (
-            elapsed if learned is None else learned + START_WEIGHT * (elapsed - learned)
-        )
+        if self.ready_announced:  # the pool's first children start cold and together
+            learned = self.start_seconds
+            self.start_seconds = (
+                elapsed if learned is None else learned + START_WEIGHT * (elapsed - learned)
+            )
         if self.config.pool.max_memory or self.config.child.max_rss:
             child.rss = self.processes.rss(child)  # once per start, not per request
         self.failures_in_a_row = 0

@@ -251,6 +251,15 @@ class PoolSection(_Section):
         description="Children the pool adds at once when requests wait: each one in start-up "
         "is counted (QGIS is CPU-bound while it loads; about one per core).",
     )
+    max_cpu: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="No child is added while the CPUs the pool may run on are busier than "
+        "this (0-1, measured over at least 0.5 s): CPU-bound work is served no sooner by "
+        "one more child, and its start takes CPU from the children serving. Work that waits "
+        "on I/O leaves CPUs idle and still grows the pool. 1 turns the check off.",
+    )
     max_memory: ByteSize = Field(
         default=ByteSize(0),
         ge=0,

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from . import logs, memcap
+from . import hostcpu, logs, memcap
 from .child import Child, ChildConnection
 from .config import ChildSection, Config
 
@@ -150,6 +150,7 @@ class OsProcesses:
         self.loop = loop
         self.runtime_dir = runtime_dir
         self.cap = memcap.MemoryCap()
+        self.cpu = hostcpu.CpuMeter(loop.time)
         self.configure(config)
         self.exited: Callable[[], None] | None = None  # set: learn of exits from pidfds
         self._processes: dict[int, _Process] = {}
@@ -164,6 +165,9 @@ class OsProcesses:
         if limit and self.cap.mechanism == "off":
             self.cap = memcap.choose(limit)  # once: the mechanism does not change
         self.cap.limit = limit
+
+    def cpu_busy(self) -> float | None:
+        return self.cpu.busy()
 
     def watch_pidfds(self, exited: Callable[[], None]) -> None:
         """SIGCHLD is not ours (uvloop): call ``exited`` when a child's pidfd says so."""

@@ -20,7 +20,10 @@ and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` chi
 starting (those a respawn backoff holds back count as starting), no idle child could take
 the waiting work (an idle child with work waiting is held back by a class or client limit,
 which one more child does not lift, unless it is kept free: a class's ``reserved``, or
-the children kept for short requests), and
+the children kept for short requests), the CPUs the pool may run on are not busier than
+``pool.max_cpu`` (hostcpu.py: when they are, the children are CPU-bound, one more would
+serve no sooner and its start would slow those serving; measured on 2 cores, 3 QGIS
+children serve a burst of tiles as fast as 4), and
 ``pool.max_memory`` leaves room for one more child as large as the largest.
 
 Down: the child idle longest (the bottom of the dispatcher's idle stack: the one used last
@@ -70,16 +73,20 @@ class Autoscaler:
         children: Children,
         dispatcher: Waiting,
         clock: Callable[[], float],
+        cpu_busy: Callable[[], float | None],
     ) -> None:
         self.children = children
         self.dispatcher = dispatcher
         self.clock = clock
+        self.cpu_busy = cpu_busy
+        self.held_by_cpu = False  # growth is held back by busy CPUs (logged once a spell)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         pool = config.pool
         self.idle_timeout = pool.idle_timeout
         self.max_starting = pool.max_starting
+        self.max_cpu = pool.max_cpu
         self.max_memory = int(pool.max_memory)
 
     def start_seconds(self) -> float:
@@ -91,12 +98,15 @@ class Autoscaler:
         children = self.children
         if children.stopping or children.replacing or children.minimum == children.maximum:
             return
+        cpu = self.cpu_busy() if self.max_cpu < 1 else None  # sampled every tick: see hostcpu
         if self.dispatcher.waiting:
-            self._maybe_grow()
-        elif children.workers > children.minimum:
+            self._maybe_grow(cpu)
+            return
+        self.held_by_cpu = False
+        if children.workers > children.minimum:
             self._maybe_retire()
 
-    def _maybe_grow(self) -> None:
+    def _maybe_grow(self, cpu: float | None) -> None:
         children, dispatcher = self.children, self.dispatcher
         if children.workers >= children.maximum:
             return
@@ -115,6 +125,14 @@ class Autoscaler:
         left = backlog + (demand - serving) * start_seconds
         if predicted_wait <= start_seconds and left <= 0:
             return
+        if cpu is not None and cpu > self.max_cpu:
+            if not self.held_by_cpu:
+                self.held_by_cpu = True
+                log.debug("scale_up_held", reason="cpu_busy", cpu_busy=round(cpu, 3),
+                          max_cpu=self.max_cpu, backlog=round(backlog, 3), serving=serving,
+                          predicted_wait=round(predicted_wait, 3))  # fmt: skip
+            return
+        self.held_by_cpu = False
         if self.max_memory and not self._memory_allows(starting):
             return
         numbers = {
@@ -125,6 +143,8 @@ class Autoscaler:
             "demand": round(demand, 3),
             "left_at_ready": round(left, 3),
         }
+        if cpu is not None:
+            numbers["cpu_busy"] = round(cpu, 3)
         log.debug("scale_up", **numbers, workers=children.workers + 1)
         children.grow("predicted_wait", numbers)
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .diagnostics import Diagnostics
     from .dispatch import Dispatcher
     from .frontend import Frontend
+    from .scaling import Autoscaler
 
 STATUS_VERSION = 1
 
@@ -42,6 +43,8 @@ class PoolView(Protocol):
     def frontend(self) -> Frontend: ...
     @property
     def diagnostics(self) -> Diagnostics: ...
+    @property
+    def autoscaler(self) -> Autoscaler: ...
     @property
     def reloads(self) -> int: ...
     @property
@@ -77,6 +80,7 @@ def scaling(pool: PoolView) -> dict[str, Any]:
         "started": children.scaled["started"],
         "retired": children.scaled["retired"],
         "start_seconds": round(START_SECONDS if learned is None else learned, 3),
+        "held_by_cpu": pool.autoscaler.held_by_cpu,
     }
 
 

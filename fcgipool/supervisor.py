@@ -122,7 +122,9 @@ class Pool:
         self.children = Children(
             config, processes, self.dispatcher, self.accounting, self, loop, self.projects
         )
-        self.autoscaler = Autoscaler(config, self.children, self.dispatcher, loop.time)
+        self.autoscaler = Autoscaler(
+            config, self.children, self.dispatcher, loop.time, processes.cpu_busy
+        )
         self.context = Context(
             loop=loop,
             limits=config.limits,

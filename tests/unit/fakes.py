@@ -387,6 +387,7 @@ class FakeProcesses:
         # (by path, reloading one whose file changed) and takes the load time first.
         self.project_loads: dict[str, float] = {}
         self.memory_kills: set[int] = set()  # pids the "kernel" killed at child.max_memory
+        self.host_cpu: float | None = None  # how busy the "host's" CPUs are (cpu_busy)
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())
@@ -441,6 +442,9 @@ class FakeProcesses:
 
     def killed_for_memory(self, child: Child) -> bool:
         return child.pid in self.memory_kills
+
+    def cpu_busy(self) -> float | None:
+        return self.host_cpu
 
     def alive(self) -> list[FakeProgram]:
         return [program for program in self.programs.values() if program.alive]

@@ -10,6 +10,7 @@ import signal
 from fakes import Answer
 
 from fcgipool.child import State
+from fcgipool.children import START_SECONDS
 from fcgipool.supervisor import Lifecycle
 
 START = 1.0  # seconds each fake child takes to answer its readiness probe
@@ -70,7 +71,7 @@ class Watch:
 
 def test_a_burst_grows_the_pool_to_max_workers_never_more_than_max_starting_at_once(harness):
     h = adaptive(harness, max_starting=2)
-    assert len(living(h)) == 1 and h.pool.children.start_seconds == START
+    assert len(living(h)) == 1 and h.pool.children.start_seconds is None
     watch = Watch(h)
     responses = burst(h, 40)
     h.until(watch(lambda: answered(responses)), within=60, what="every answer")
@@ -81,7 +82,16 @@ def test_a_burst_grows_the_pool_to_max_workers_never_more_than_max_starting_at_o
     assert sum(len(program.served) for program in h.processes.started) == 40
     last = h.pool.children.last_scaling
     assert last is not None and last["action"] == "started" and last["reason"] == "predicted_wait"
-    assert last["predicted_wait"] > last["start_seconds"] == START
+    assert last["predicted_wait"] > last["start_seconds"]
+    assert h.pool.children.start_seconds == START, "learned from the children it added"
+
+
+def relearn(h, start: float) -> None:
+    """Replace the one child by one that takes ``start`` seconds: a start after the pool's
+    first, so it is learned."""
+    h.processes.on_spawn = lambda program: setattr(program, "probe", Answer(200, b"p\n", start))
+    h.programs()[0].exit(0)
+    h.until(lambda: h.pool.children.ready() == 1 and h.pool.children.start_seconds, within=30)
 
 
 def test_no_child_is_added_while_the_predicted_wait_is_below_a_start(harness):
@@ -93,8 +103,19 @@ def test_no_child_is_added_while_the_predicted_wait_is_below_a_start(harness):
     assert watch.most_alive == 1 and h.pool.children.scaled["started"] == 0
 
 
+def test_the_first_children_do_not_teach_the_start_time_later_ones_do(harness):
+    """The pool's first children start cold and together (10.5 s for a QGIS child that
+    later starts in 2 s): a start time learned from them would hold growth back."""
+    h = adaptive(harness, start=10.0)
+    assert h.pool.children.start_seconds is None
+    assert h.pool.status()["pool"]["scaling"]["start_seconds"] == START_SECONDS
+    relearn(h, 0.5)  # its replacement starts as one more child would
+    assert h.pool.children.start_seconds == 0.5
+
+
 def test_a_faster_start_learned_lets_a_smaller_backlog_grow_the_pool(harness):
-    h = adaptive(harness, start=0.2)
+    h = adaptive(harness)
+    relearn(h, 0.2)
     assert round(h.pool.children.start_seconds, 3) == 0.2
     responses = burst(h, 6, "/?sleep=0.1")  # 0.5 s of backlog over 1 child > 0.2 s
     h.until(lambda: answered(responses), within=60)
@@ -102,7 +123,8 @@ def test_a_faster_start_learned_lets_a_smaller_backlog_grow_the_pool(harness):
 
 
 def test_the_learned_start_time_is_an_average_of_the_starts(harness):
-    h = adaptive(harness, start=1.0)
+    h = adaptive(harness)
+    relearn(h, 1.0)
     h.processes.on_spawn = lambda program: setattr(program, "probe", Answer(200, b"p\n", 3.0))
     responses = burst(h, 40)
     h.until(lambda: answered(responses), within=120)
@@ -136,6 +158,42 @@ def test_the_memory_bound_stops_growth(harness):
     h.until(watch(lambda: len(living(h)) == 4), within=h.pool.config.child.rss_interval + 1)
     h.until(lambda: answered(responses), within=120)
     assert watch.most_alive == 4
+
+
+def test_busy_cpus_hold_growth_back_and_idle_ones_let_it_go_on(harness):
+    """CPU-bound children on busy CPUs: one more would serve no sooner, and its start would
+    take CPU from them (pool.max_cpu, 0.9 by default)."""
+    h = adaptive(harness, max_starting=4)
+    h.processes.host_cpu = 0.95
+    watch = Watch(h)
+    responses = burst(h, 40, "/?sleep=2")
+    h.run(5)
+    assert len(living(h)) == 1 and h.pool.children.scaled["started"] == 0
+    assert h.pool.dispatcher.waiting > 0, "work waits: only the CPUs hold growth back"
+    assert h.pool.status()["pool"]["scaling"]["held_by_cpu"] is True
+    h.processes.host_cpu = 0.5  # the work waits on I/O, or the CPUs were freed
+    h.until(watch(lambda: len(living(h)) == 4), within=5)
+    last = h.pool.children.last_scaling
+    assert last is not None and last["cpu_busy"] == 0.5
+    assert h.pool.status()["pool"]["scaling"]["held_by_cpu"] is False
+    h.until(lambda: answered(responses), within=120)
+    assert {response.status for response in responses} == {200}
+
+
+def test_max_cpu_1_turns_the_cpu_check_off(harness):
+    h = adaptive(harness, max_starting=4, max_cpu=1)
+    h.processes.host_cpu = 1.0
+    responses = burst(h, 40, "/?sleep=2")
+    h.until(lambda: len(living(h)) == 4, within=5)
+    h.until(lambda: answered(responses), within=120)
+
+
+def test_unknown_cpu_use_does_not_hold_growth_back(harness):
+    h = adaptive(harness)
+    h.processes.host_cpu = None  # no /proc/stat, or one sample only
+    responses = burst(h, 40, "/?sleep=2")
+    h.until(lambda: len(living(h)) == 4, within=10)
+    h.until(lambda: answered(responses), within=120)
 
 
 # ---------------------------------------------------------------- retiring
@@ -322,7 +380,10 @@ def test_status_and_metrics_show_the_range_and_the_decisions(harness):
     h = adaptive(harness, idle_timeout=5.0)
     pool = h.pool.status()["pool"]
     assert (pool["min_workers"], pool["max_workers"], pool["workers"]) == (1, 4, 1)
-    assert pool["scaling"] == {"last": None, "started": 0, "retired": 0, "start_seconds": START}
+    assert pool["scaling"] == {
+        "last": None, "started": 0, "retired": 0, "start_seconds": START_SECONDS,
+        "held_by_cpu": False,
+    }
     responses = burst(h, 40)
     h.until(lambda: answered(responses), within=60)
     h.until(lambda: len(living(h)) == 3, within=60)
