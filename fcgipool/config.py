@@ -256,7 +256,7 @@ class PoolSection(_Section):
         gt=0,
         le=1,
         description="No child is added while the CPUs the pool may run on are busier than "
-        "this (0-1, measured over at least 0.5 s): CPU-bound work is served no sooner by "
+        "this (0-1, over the last second): CPU-bound work is served no sooner by "
         "one more child, and its start takes CPU from the children serving. Work that waits "
         "on I/O leaves CPUs idle and still grows the pool. 1 turns the check off.",
     )

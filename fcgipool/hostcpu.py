@@ -57,15 +57,15 @@ class CpuMeter:
             per_cpu = self.read()
         except (OSError, ValueError, IndexError):
             return None
-        busy = total = 0
+        busy_ticks = total_ticks = 0
         for cpu in self.cpus:
             cpu_busy, cpu_total = per_cpu.get(cpu, (0, 0))
-            busy, total = busy + cpu_busy, total + cpu_total
+            busy_ticks, total_ticks = busy_ticks + cpu_busy, total_ticks + cpu_total
         samples = self.samples
-        samples.append((now, busy, total))
+        samples.append((now, busy_ticks, total_ticks))
         while len(samples) > 2 and samples[1][0] <= now - WINDOW:
             samples.popleft()  # the oldest left is the last at or before the window's start
         then, old_busy, old_total = samples[0]
-        if now - then < MIN_SPAN or total <= old_total:
+        if now - then < MIN_SPAN or total_ticks <= old_total:
             return None
-        return (busy - old_busy) / (total - old_total)
+        return (busy_ticks - old_busy) / (total_ticks - old_total)
