@@ -180,10 +180,11 @@ class Dispatcher:
         self.clients: Counter[bytes] = Counter()
         self.long_running = 0
         self.short_running = 0
-        # Predicted seconds of the short requests started, and of every request admitted,
-        # in this window and the last one.
+        # Predicted seconds of the short requests started, of every request admitted, and
+        # of those admitted that had to wait for a child, in this window and the last one.
         self.short_work = self.short_work_before = 0.0
         self.arriving = self.arriving_before = 0.0
+        self.waited = self.waited_before = 0.0
         self.window_ends = 0.0
         self.refused = 0  # refused on predicted wait
         self.queue_full = 0  # refused on the count bound (max_waiting)
@@ -268,7 +269,7 @@ class Dispatcher:
             request.long = cost >= self.long_request
             if request.created >= self.window_ends:
                 self._roll(self.clock())
-            self.arriving += cost
+            self.arriving += cost or self._guess(queue.name)  # a kind not learned yet counts
         if self.idle and (
             (self.unlimited and not (request.long and self.protect))
             or self._may_start(queue, request)
@@ -293,6 +294,7 @@ class Dispatcher:
                               servers=self.servers(queue, request.long))  # fmt: skip
                     self._unavailable(request, b"The predicted wait is above the queue timeout\n")
                     return
+            self.waited += request.cost or self._guess(queue.name)
         request.queued_at = self.clock()
         queue.push(request, first)
         self.peak_waiting.see(self.waiting)
@@ -509,6 +511,13 @@ class Dispatcher:
         recent = self.arriving / current if current >= 1.0 else 0.0
         return max(recent, (self.arriving_before + self.arriving) / seconds)
 
+    def waited_share(self) -> float:
+        """The share of the work admitted lately (the windows of :meth:`demand`) that had to
+        wait for a child: near 0 while the children serve the arrivals as they come."""
+        self._window()
+        arriving = self.arriving_before + self.arriving
+        return (self.waited_before + self.waited) / arriving if arriving > 0 else 0.0
+
     def _window(self) -> float:
         """Bring the windows up to date; the seconds the two of them cover."""
         now = self.clock()
@@ -520,7 +529,8 @@ class Dispatcher:
             whole = now >= self.window_ends + SHORT_WINDOW  # a window went by with none
             self.short_work_before = 0.0 if whole else self.short_work
             self.arriving_before = 0.0 if whole else self.arriving
-            self.short_work = self.arriving = 0.0
+            self.waited_before = 0.0 if whole else self.waited
+            self.short_work = self.arriving = self.waited = 0.0
             self.window_ends = now + SHORT_WINDOW
 
     # ------------------------------------------------------------------ internals

@@ -250,6 +250,72 @@ def test_one_child_is_retired_per_tick_and_a_busy_child_never(harness):
     assert running.status == 200 and busy.alive
 
 
+def groups(h, size: int, every: float, seconds: float, sleep: float = 0.1) -> tuple[list, list]:
+    """``size`` requests at once every ``every`` s for ``seconds``: overlapping requests, as
+    random arrivals have now and then, so the lower children of the idle stack serve too.
+    The responses, and each retirement seen as (time, reason)."""
+    responses: list = []
+    retired: list[tuple[float, str]] = []
+    seen = h.pool.children.scaled["retired"]
+    end = h.now() + seconds
+    while h.now() < end:
+        responses += burst(h, size, f"/?sleep={sleep}&group={len(responses)}")
+        stop = h.now() + every
+        while h.now() < stop:
+            h.run(0.1)
+            if h.pool.children.scaled["retired"] > seen:
+                seen = h.pool.children.scaled["retired"]
+                last = h.pool.children.last_scaling
+                assert last is not None
+                retired.append((h.now(), str(last["reason"])))
+    return responses, retired
+
+
+def test_a_child_a_steady_load_uses_now_and_then_but_does_not_need_is_retired(harness):
+    """3 requests of 0.1 s at once every 2 s: 0.15 children of work, but the third child of
+    the idle stack takes one every 2 s and is never idle for idle_timeout. The pool keeps
+    what the work needs and one spare, 2, and stays there."""
+    h = adaptive(harness, idle_timeout=10.0)
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    assert len(living(h)) == 4
+    sent, retired = groups(h, 3, every=2.0, seconds=80)
+    h.until(lambda: answered(sent), within=30)
+    assert {response.status for response in sent} == {200}
+    assert [reason for _, reason in retired] == ["idle_timeout", "surplus"]
+    assert retired[1][0] - retired[0][0] >= 10.0, "idle_timeout between two changes"
+    assert h.pool.children.workers == 2 and len(living(h)) == 2, "the work and a spare"
+    last = h.pool.children.last_scaling
+    assert last is not None and last["needed"] == 2 and 0.1 < last["demand"] <= 1
+    assert last["waited_share"] <= 0.05
+    assert h.pool.children.scaled["started"] == 3, "growth does not undo it"
+    assert h.pool.children.failure_pressure() == 0 and h.pool.accounting.restarts == {}
+
+
+def test_children_the_arriving_work_needs_are_kept(harness):
+    """4 requests of 1 s at once every 1.6 s: 2.5 children of work, 3 needed and a spare."""
+    h = adaptive(harness, idle_timeout=10.0)
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    sent, retired = groups(h, 4, every=1.6, seconds=60, sleep=1.0)
+    h.until(lambda: answered(sent), within=30)
+    assert {response.status for response in sent} == {200}
+    assert retired == [] and h.pool.children.workers == 4
+
+
+def test_bursts_that_wait_for_children_keep_them(harness):
+    """8 requests of 0.1 s at once every 2 s: 0.4 children of work, but half of each
+    burst waits for a child; every child is used each time, none is retired."""
+    h = adaptive(harness, idle_timeout=10.0)
+    responses = burst(h, 40)
+    h.until(lambda: answered(responses), within=60)
+    sent, retired = groups(h, 8, every=2.0, seconds=60)
+    h.until(lambda: answered(sent), within=30)
+    assert {response.status for response in sent} == {200}
+    assert retired == [] and h.pool.children.workers == 4
+    assert h.pool.dispatcher.waited_share() > 0.3
+
+
 def test_retire_idle_refuses_a_busy_child_and_never_goes_below_the_minimum(harness):
     h = adaptive(harness, workers=2, min_workers=1)
     running = h.connect().request("/?sleep=5")
