@@ -227,9 +227,9 @@ class PoolSection(_Section):
         default=None,
         ge=1,
         le=4096,
-        description="Fewest children: a child above this number that stays idle for "
-        "idle_timeout, or one more than the arriving work needs with one to spare, is "
-        "retired. Unset: workers.",
+        description="Fewest children: above this number, a child that stays idle for "
+        "idle_timeout is retired, and so is one the arriving work does not need (more "
+        "children than it needs and one spare). Unset: workers.",
     )
     max_workers: int | None = Field(
         default=None,
@@ -243,9 +243,9 @@ class PoolSection(_Section):
         default=60.0,
         description="Seconds a child above min_workers may stay idle before it is retired "
         "(one at a time, the one idle longest). Long enough that the gaps of a map "
-        "viewer's session do not retire a warm child that the next pan needs again. Also "
-        "the least time between two changes of the number of children before a child the "
-        "arriving work does not need (more than it needs plus one) is retired.",
+        "viewer's session do not retire a warm child that the next pan needs again. Also how "
+        "long the number of children must have stayed the same before a child that the "
+        "arriving work does not need is retired.",
     )
     max_starting: int = Field(
         default=2,
