@@ -269,7 +269,8 @@ class Dispatcher:
             request.long = cost >= self.long_request
             if request.created >= self.window_ends:
                 self._roll(self.clock())
-            self.arriving += cost or self._guess(queue.name)  # a kind not learned yet counts
+            work = cost or self._guess(queue.name)  # a kind not learned yet counts too
+            self.arriving += work
         if self.idle and (
             (self.unlimited and not (request.long and self.protect))
             or self._may_start(queue, request)
@@ -294,7 +295,7 @@ class Dispatcher:
                               servers=self.servers(queue, request.long))  # fmt: skip
                     self._unavailable(request, b"The predicted wait is above the queue timeout\n")
                     return
-            self.waited += request.cost or self._guess(queue.name)
+            self.waited += work
         request.queued_at = self.clock()
         queue.push(request, first)
         self.peak_waiting.see(self.waiting)
