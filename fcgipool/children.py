@@ -88,8 +88,11 @@ class Processes(Protocol):
         """CPU clock ticks so far and resident pages (0, 0 when unknown)."""
     def killed_for_memory(self, child: Child) -> bool:
         """Whether the kernel killed the reaped ``child`` at child.max_memory."""
-    def cpu_busy(self) -> float | None:
-        """How busy the pool's CPUs are (0-1; hostcpu.CpuMeter), None when unknown."""
+    def cpu_busy(self, waiting: bool) -> float | None:
+        """How busy the pool's CPUs were lately while work waited (0-1; hostcpu.CpuMeter,
+        told at every call whether work waits now), None when unknown."""
+    def cpu_count(self) -> int:
+        """The CPUs the pool may run on (its affinity)."""
 
 
 class Dispatcher(Protocol):

@@ -258,10 +258,12 @@ class PoolSection(_Section):
         default=0.9,
         gt=0,
         le=1,
-        description="No child is added while the CPUs the pool may run on are busier than "
-        "this (0-1, over the last second): CPU-bound work is served no sooner by "
-        "one more child, and its start takes CPU from the children serving. Work that waits "
-        "on I/O leaves CPUs idle and still grows the pool. 1 turns the check off.",
+        description="No child is added while the CPUs the pool may run on were busier than "
+        "this (0-1) while work waited (the moments of the last second in which requests "
+        "waited for a child): CPU-bound work is served no sooner by one more child, and its "
+        "start takes CPU from the children serving. Work that waits on I/O leaves CPUs idle "
+        "and still grows the pool. Below 5 CPUs the bar is lower: at least half a CPU must "
+        "have been free (on 2 CPUs: at most 0.75 busy). 1 turns the check off.",
     )
     max_memory: ByteSize = Field(
         default=ByteSize(0),

@@ -1,10 +1,16 @@
-"""How busy the CPUs the pool may run on are: whether one more child could add capacity.
+"""How busy the CPUs the pool may run on are while work waits: whether one more child could
+add capacity.
 
 A child more serves CPU-bound work no sooner when every CPU is already busy, and its start
-(about a CPU-second for QGIS) takes CPU from the children serving. The autoscaler asks here
-at every tick of an adaptive pool (scaling.py), so that the fraction always covers the last
-:data:`WINDOW`: one read of /proc/stat (about 20 us on 2 CPUs) ten times a second, bounded
-on the supervisor's loop; a fixed pool never reads it.
+(about a CPU-second for QGIS) takes CPU from the children serving. What tells is the CPU
+while requests wait for a child: a map viewer's burst saturates 2 cores with 2 QGIS
+children while its tiles queue, then leaves them idle for its think time, so a fraction
+over all of the last second (0.7-0.85 measured) says CPU is free that the burst never
+finds; in those seconds a third and fourth child were started and their starts slowed
+every tile for 1-2 s. So the fraction covers only the intervals between two samples at
+both ends of which work waited, within the last :data:`WINDOW`. The autoscaler samples at
+every tick of an adaptive pool (scaling.py): one read of /proc/stat (about 20 us on 2 CPUs)
+ten times a second, bounded on the supervisor's loop; a fixed pool never reads it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,8 @@ import collections
 import os
 from collections.abc import Callable
 
-WINDOW = 1.0  # seconds the busy fraction covers: a map viewer's think time between views,
-# so that its pauses do not read as free CPU; shorter than a child's start
-MIN_SPAN = 0.25  # seconds: below this, the ticks in /proc/stat (10 ms) say too little
+WINDOW = 1.0  # seconds: the waiting intervals within this count; shorter than a child's start
+MIN_SPAN = 0.09  # seconds of waiting intervals (one tick): less, and 10 ms ticks say too little
 STAT = "/proc/stat"
 
 
@@ -36,8 +41,9 @@ def read_stat(path: str = STAT) -> dict[int, tuple[int, int]]:
 
 
 class CpuMeter:
-    """The busy fraction (0-1) of this process's CPUs (its affinity) over the last WINDOW
-    seconds, from a sample taken at each call (the autoscaler calls every tick)."""
+    """The busy fraction (0-1) of this process's CPUs (its affinity) over the intervals in
+    the last WINDOW seconds in which work waited, from a sample taken at each call (the
+    autoscaler calls every tick, saying whether work waits)."""
 
     def __init__(
         self,
@@ -48,24 +54,30 @@ class CpuMeter:
         self.clock = clock
         self.read = read
         self.cpus = cpus if cpus is not None else os.sched_getaffinity(0)
-        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.last: tuple[float, int, int, bool] | None = None  # the previous sample
+        # (end, seconds, busy ticks, total ticks) of each waiting interval in the window
+        self.intervals: collections.deque[tuple[float, float, int, int]] = collections.deque()
 
-    def busy(self) -> float | None:
-        """None until samples span MIN_SPAN, or when /proc/stat cannot be read."""
+    def busy(self, waiting: bool) -> float | None:
+        """None while the waiting intervals in the window span less than MIN_SPAN (work did
+        not wait lately, or only just began to), or when /proc/stat cannot be read."""
         now = self.clock()
         try:
             per_cpu = self.read()
         except (OSError, ValueError, IndexError):
+            self.last = None
             return None
         busy_ticks = total_ticks = 0
         for cpu in self.cpus:
             cpu_busy, cpu_total = per_cpu.get(cpu, (0, 0))
             busy_ticks, total_ticks = busy_ticks + cpu_busy, total_ticks + cpu_total
-        samples = self.samples
-        samples.append((now, busy_ticks, total_ticks))
-        while len(samples) > 2 and samples[1][0] <= now - WINDOW:
-            samples.popleft()  # the oldest left is the last at or before the window's start
-        then, old_busy, old_total = samples[0]
-        if now - then < MIN_SPAN or total_ticks <= old_total:
+        intervals, last = self.intervals, self.last
+        if last is not None and last[3] and waiting and total_ticks > last[2]:
+            intervals.append((now, now - last[0], busy_ticks - last[1], total_ticks - last[2]))
+        self.last = (now, busy_ticks, total_ticks, waiting)
+        while intervals and intervals[0][0] - intervals[0][1] < now - WINDOW:
+            intervals.popleft()  # began before the window: bounded, ten a second at most
+        span = sum(interval[1] for interval in intervals)
+        if span < MIN_SPAN:
             return None
-        return (busy_ticks - old_busy) / (total_ticks - old_total)
+        return sum(i[2] for i in intervals) / sum(i[3] for i in intervals)

@@ -166,8 +166,11 @@ class OsProcesses:
             self.cap = memcap.choose(limit)  # once: the mechanism does not change
         self.cap.limit = limit
 
-    def cpu_busy(self) -> float | None:
-        return self.cpu.busy()
+    def cpu_busy(self, waiting: bool) -> float | None:
+        return self.cpu.busy(waiting)
+
+    def cpu_count(self) -> int:
+        return len(self.cpu.cpus)
 
     def watch_pidfds(self, exited: Callable[[], None]) -> None:
         """SIGCHLD is not ours (uvloop): call ``exited`` when a child's pidfd says so."""

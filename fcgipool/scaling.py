@@ -20,10 +20,12 @@ and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` chi
 starting (those a respawn backoff holds back count as starting), no idle child could take
 the waiting work (an idle child with work waiting is held back by a class or client limit,
 which one more child does not lift, unless it is kept free: a class's ``reserved``, or
-the children kept for short requests), the CPUs the pool may run on are not busier than
-``pool.max_cpu`` (hostcpu.py: when they are, the children are CPU-bound, one more would
-serve no sooner and its start would slow those serving; measured on 2 cores, 3 QGIS
-children serve a burst of tiles as fast as 4), and
+the children kept for short requests), the CPUs the pool may run on were not busier than
+``pool.max_cpu`` while work waited lately, and left at least MIN_FREE_CPUS (half a CPU)
+free meanwhile (hostcpu.py: when they were busier, the children are
+CPU-bound, one more would serve no sooner and its start would slow those serving;
+measured on 2 cores, 2 QGIS children serve a map viewer's burst of tiles as fast as 4, and
+one child serving with one starting already fill both: a second start waits), and
 ``pool.max_memory`` leaves room for one more child as large as the largest.
 
 Down, while nothing waits and the pool is above ``pool.min_workers``: the child idle longest
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
 log = logs.get("fcgipool.dispatch")
 SPARE = 1  # children kept beyond what the arriving work needs (a surplus above is retired)
 WAITED_SHARE = 0.05  # ... while no more than this share of the work waited for a child
+MIN_FREE_CPUS = 0.5  # CPUs left free while work waited: less, and a child more would get
+# less than half a CPU (on 2 CPUs: busier than 0.75; pool.max_cpu decides on 5 or more)
 
 
 class Waiting(Protocol):
@@ -93,12 +97,14 @@ class Autoscaler:
         children: Children,
         dispatcher: Waiting,
         clock: Callable[[], float],
-        cpu_busy: Callable[[], float | None],
+        cpu_busy: Callable[[bool], float | None],
+        cpus: int,
     ) -> None:
         self.children = children
         self.dispatcher = dispatcher
         self.clock = clock
         self.cpu_busy = cpu_busy
+        self.cpus = cpus
         self.held_by_cpu = False  # growth is held back by busy CPUs (logged once a spell)
         self.changed_at = clock()  # the last child started or retired by a decision here
         self.configure(config)
@@ -119,8 +125,9 @@ class Autoscaler:
         children = self.children
         if children.stopping or children.replacing or children.minimum == children.maximum:
             return
-        cpu = self.cpu_busy() if self.max_cpu < 1 else None  # sampled every tick: see hostcpu
-        if self.dispatcher.waiting:
+        waiting = self.dispatcher.waiting > 0
+        cpu = self.cpu_busy(waiting) if self.max_cpu < 1 else None  # sampled every tick
+        if waiting:
             self._maybe_grow(cpu)
             return
         self.held_by_cpu = False
@@ -146,12 +153,12 @@ class Autoscaler:
         left = backlog + (demand - serving) * start_seconds
         if predicted_wait <= start_seconds and left <= 0:
             return
-        if cpu is not None and cpu > self.max_cpu:
+        if cpu is not None and (cpu > self.max_cpu or (1 - cpu) * self.cpus < MIN_FREE_CPUS):
             if not self.held_by_cpu:
                 self.held_by_cpu = True
                 log.debug("scale_up_held", reason="cpu_busy", cpu_busy=round(cpu, 3),
-                          max_cpu=self.max_cpu, backlog=round(backlog, 3), serving=serving,
-                          predicted_wait=round(predicted_wait, 3))  # fmt: skip
+                          max_cpu=self.max_cpu, cpus=self.cpus, backlog=round(backlog, 3),
+                          serving=serving, predicted_wait=round(predicted_wait, 3))  # fmt: skip
             return
         self.held_by_cpu = False
         if self.max_memory and not self._memory_allows(starting):

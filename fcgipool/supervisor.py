@@ -123,7 +123,8 @@ class Pool:
             config, processes, self.dispatcher, self.accounting, self, loop, self.projects
         )
         self.autoscaler = Autoscaler(
-            config, self.children, self.dispatcher, loop.time, processes.cpu_busy
+            config, self.children, self.dispatcher, loop.time, processes.cpu_busy,
+            processes.cpu_count(),
         )
         self.context = Context(
             loop=loop,

@@ -388,6 +388,8 @@ class FakeProcesses:
         self.project_loads: dict[str, float] = {}
         self.memory_kills: set[int] = set()  # pids the "kernel" killed at child.max_memory
         self.host_cpu: float | None = None  # how busy the "host's" CPUs are (cpu_busy)
+        self.cpu_asked: list[bool] = []  # cpu_busy's ``waiting`` at each call
+        self.host_cpus = 4  # the CPUs the pool may run on (cpu_count)
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())
@@ -443,8 +445,12 @@ class FakeProcesses:
     def killed_for_memory(self, child: Child) -> bool:
         return child.pid in self.memory_kills
 
-    def cpu_busy(self) -> float | None:
+    def cpu_busy(self, waiting: bool) -> float | None:
+        self.cpu_asked.append(waiting)
         return self.host_cpu
+
+    def cpu_count(self) -> int:
+        return self.host_cpus
 
     def alive(self) -> list[FakeProgram]:
         return [program for program in self.programs.values() if program.alive]

@@ -1,9 +1,12 @@
 """hostcpu.CpuMeter: the busy fraction of the pool's CPUs from /proc/stat-shaped counters,
-over at least WINDOW seconds, with the affinity's CPUs only."""
+over the intervals of the last WINDOW seconds in which work waited, with the affinity's
+CPUs only."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from fcgipool import hostcpu
 
@@ -42,55 +45,72 @@ class Counters:
         return dict(self.ticks)
 
 
-def test_the_busy_fraction_covers_the_last_window_of_samples():
+def tick(now: list[float], counters: Counters, meter: hostcpu.CpuMeter, waiting: bool,
+         busy: tuple[int, int], seconds: float = 0.1) -> float | None:  # fmt: skip
+    """One tick of the autoscaler: 10 clock ticks a CPU go by, ``busy`` of them busy."""
+    for cpu, ticks in enumerate(busy):
+        counters.add(cpu, busy=ticks, idle=10 - ticks)
+    now[0] += seconds
+    return meter.busy(waiting)
+
+
+def test_only_the_intervals_in_which_work_waited_count():
+    """A map viewer's burst: its tiles wait while both CPUs are busy, then its think time
+    leaves them idle. The idle spell says nothing about whether a child more would help."""
     now = [0.0]
     counters = Counters()
     meter = hostcpu.CpuMeter(lambda: now[0], counters.read, cpus={0, 1})
-    assert meter.busy() is None, "one sample says nothing yet"
-    for _ in range(10):  # 1 s: CPU 0 90 % busy, CPU 1 50 %
-        counters.add(0, busy=9, idle=1)
-        counters.add(1, busy=5, idle=5)
-        now[0] += 0.1
-        assert now[0] < 0.25 - 1e-9 or meter.busy() is not None
-    assert meter.busy() == 0.7
-    for _ in range(5):  # half a second of both idle
-        counters.add(0, busy=0, idle=10)
-        counters.add(1, busy=0, idle=10)
-        now[0] += 0.1
-        meter.busy()
-    assert round(meter.busy() or 0, 3) == 0.35, "half of the last second was idle"
-    for _ in range(10):
-        counters.add(0, busy=10, idle=0)
-        counters.add(1, busy=10, idle=0)
-        now[0] += 0.1
-        meter.busy()
-    assert meter.busy() == 1.0, "what is older than the window no longer counts"
-    assert len(meter.samples) <= 12, "bounded: one window of ticks"
+    assert meter.busy(False) is None, "one sample says nothing yet"
+    for _ in range(5):  # think time: idle, nothing waits
+        assert tick(now, counters, meter, False, (0, 0)) is None
+    assert tick(now, counters, meter, True, (9, 9)) is None, "work waits from now on"
+    assert tick(now, counters, meter, True, (10, 10)) == 1.0, "one waiting tick: saturated"
+    assert tick(now, counters, meter, True, (10, 8)) == 0.95
+    for _ in range(3):  # a pause: nothing waits, the CPUs idle
+        assert tick(now, counters, meter, False, (0, 0)) == 0.95, "not counted"
+    assert tick(now, counters, meter, True, (0, 0)) == 0.95, "waiting began mid-interval"
+    assert tick(now, counters, meter, True, (6, 6)) == pytest.approx(50 / 60)
 
 
-def test_samples_closer_than_the_minimum_span_say_nothing():
+def test_waiting_intervals_older_than_the_window_no_longer_count():
+    now = [0.0]
+    counters = Counters()
+    meter = hostcpu.CpuMeter(lambda: now[0], counters.read, cpus={0, 1})
+    meter.busy(True)
+    for _ in range(10):  # a second of waiting on saturated CPUs
+        assert tick(now, counters, meter, True, (10, 10)) == 1.0
+    for _ in range(10):  # then a second of nothing waiting
+        tick(now, counters, meter, False, (0, 0))
+    assert tick(now, counters, meter, True, (5, 5)) is None, "an old burst says nothing now"
+    assert tick(now, counters, meter, True, (5, 5)) == 0.5, "the new burst's CPUs are free"
+    for _ in range(30):
+        tick(now, counters, meter, True, (5, 5))
+    assert len(meter.intervals) <= 11, "bounded: one window of ticks"
+
+
+def test_samples_shorter_than_the_minimum_span_say_nothing():
     now = [0.0]
     counters = Counters()
     meter = hostcpu.CpuMeter(lambda: now[0], counters.read, cpus={0})
-    meter.busy()
+    meter.busy(True)
     counters.add(0, busy=1, idle=0)
-    now[0] = 0.1
-    assert meter.busy() is None
+    now[0] = 0.05
+    assert meter.busy(True) is None
 
 
 def test_only_the_cpus_the_pool_may_run_on_count():
     now = [0.0]
     counters = Counters()
     meter = hostcpu.CpuMeter(lambda: now[0], counters.read, cpus={1})
-    meter.busy()
+    meter.busy(True)
     counters.add(0, busy=100, idle=0)  # another process's CPU, busy
     counters.add(1, busy=10, idle=90)
     now[0] = 1.0
-    assert meter.busy() == 0.1
+    assert meter.busy(True) == 0.1
 
 
 def test_an_unreadable_stat_is_unknown_not_an_error():
     def broken() -> dict[int, tuple[int, int]]:
         raise OSError(2, "No such file or directory")
 
-    assert hostcpu.CpuMeter(lambda: 0.0, broken, cpus={0}).busy() is None
+    assert hostcpu.CpuMeter(lambda: 0.0, broken, cpus={0}).busy(True) is None

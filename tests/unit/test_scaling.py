@@ -180,6 +180,36 @@ def test_busy_cpus_hold_growth_back_and_idle_ones_let_it_go_on(harness):
     assert {response.status for response in responses} == {200}
 
 
+def test_the_cpu_meter_is_told_at_every_tick_whether_work_waits(harness):
+    """hostcpu counts only the moments work waited: a burst's pauses are not free CPU."""
+    h = adaptive(harness)
+    h.run(1)
+    assert h.processes.cpu_asked and not any(h.processes.cpu_asked), "nothing waits"
+    h.processes.cpu_asked.clear()
+    responses = burst(h, 20, "/?sleep=1")
+    h.run(0.5)
+    assert h.processes.cpu_asked and all(h.processes.cpu_asked), "the burst waits"
+    h.until(lambda: answered(responses), within=60)
+    h.processes.cpu_asked.clear()
+    h.run(1)
+    assert h.processes.cpu_asked and not any(h.processes.cpu_asked)
+
+
+def test_on_few_cpus_growth_needs_half_a_cpu_free_while_work_waits(harness):
+    """0.8 busy is 0.4 CPUs free on 2 CPUs: a QGIS child more would get less than half a
+    CPU, and its start would slow the ones serving. On 16 CPUs it is 3.2 free."""
+    h = adaptive(harness, max_starting=4)
+    h.pool.autoscaler.cpus, h.processes.host_cpu = 2, 0.8  # the pool's CPUs: read at its start
+    watch = Watch(h)
+    responses = burst(h, 40, "/?sleep=2")
+    h.run(5)
+    assert len(living(h)) == 1 and h.pool.status()["pool"]["scaling"]["held_by_cpu"] is True
+    h.pool.autoscaler.cpus = 16
+    h.until(watch(lambda: len(living(h)) == 4), within=5)
+    h.until(lambda: answered(responses), within=120)
+    assert {response.status for response in responses} == {200}
+
+
 def test_max_cpu_1_turns_the_cpu_check_off(harness):
     h = adaptive(harness, max_starting=4, max_cpu=1)
     h.processes.host_cpu = 1.0
