@@ -54,8 +54,8 @@ class CpuMeter:
         self.clock = clock
         self.read = read
         self.cpus = cpus if cpus is not None else os.sched_getaffinity(0)
-        self.last: tuple[float, int, int, bool] | None = None  # the previous sample
-        # (end, seconds, busy ticks, total ticks) of each waiting interval in the window
+        self.last: tuple[float, int, int, bool] | None = None  # (time, busy, total, waiting)
+        # (start, seconds, busy ticks, total ticks) of each waiting interval in the window
         self.intervals: collections.deque[tuple[float, float, int, int]] = collections.deque()
 
     def busy(self, waiting: bool) -> float | None:
@@ -71,13 +71,15 @@ class CpuMeter:
         for cpu in self.cpus:
             cpu_busy, cpu_total = per_cpu.get(cpu, (0, 0))
             busy_ticks, total_ticks = busy_ticks + cpu_busy, total_ticks + cpu_total
-        intervals, last = self.intervals, self.last
-        if last is not None and last[3] and waiting and total_ticks > last[2]:
-            intervals.append((now, now - last[0], busy_ticks - last[1], total_ticks - last[2]))
+        intervals = self.intervals
+        if self.last is not None:
+            then, old_busy, old_total, waited = self.last
+            if waited and waiting and total_ticks > old_total:
+                intervals.append((then, now - then, busy_ticks - old_busy, total_ticks - old_total))
         self.last = (now, busy_ticks, total_ticks, waiting)
-        while intervals and intervals[0][0] - intervals[0][1] < now - WINDOW:
+        while intervals and intervals[0][0] < now - WINDOW:
             intervals.popleft()  # began before the window: bounded, ten a second at most
-        span = sum(interval[1] for interval in intervals)
-        if span < MIN_SPAN:
-            return None
-        return sum(i[2] for i in intervals) / sum(i[3] for i in intervals)
+        span = busy = total = 0.0
+        for _, seconds, interval_busy, interval_total in intervals:
+            span, busy, total = span + seconds, busy + interval_busy, total + interval_total
+        return busy / total if span >= MIN_SPAN else None
