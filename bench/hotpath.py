@@ -141,8 +141,11 @@ class NoProcesses:
     def usage(self, child: Child) -> tuple[int, int]:
         return read_usage(self.stat)
 
-    def cpu_busy(self) -> float | None:
+    def cpu_busy(self, waiting: bool) -> float | None:
         return None  # a fixed pool of one: never asked
+
+    def cpu_count(self) -> int:
+        return 1
 
 
 async def _measure(config: configuration.Config, requests: int, profile: bool) -> float:
