@@ -262,8 +262,10 @@ class PoolSection(_Section):
         "this (0-1) while work waited (the moments of the last second in which requests "
         "waited for a child): CPU-bound work is served no sooner by one more child, and its "
         "start takes CPU from the children serving. Work that waits on I/O leaves CPUs idle "
-        "and still grows the pool. Below 5 CPUs the bar is lower: at least half a CPU must "
-        "have been free (on 2 CPUs: at most 0.75 busy). 1 turns the check off.",
+        "and still grows the pool. At least half a CPU must also have been free, each child "
+        "starting counted as a CPU taken (its start is CPU-bound): on 2 CPUs at most 0.75 "
+        "busy, and a second start waits for the first unless the CPUs were nearly idle. "
+        "1 turns the check off.",
     )
     max_memory: ByteSize = Field(
         default=ByteSize(0),

@@ -210,6 +210,21 @@ def test_on_few_cpus_growth_needs_half_a_cpu_free_while_work_waits(harness):
     assert {response.status for response in responses} == {200}
 
 
+def test_on_few_cpus_a_child_starting_counts_as_a_cpu_taken(harness):
+    """0.3 busy leaves 1.4 of 2 CPUs free: room for one start, not two at once (a QGIS start
+    is CPU-bound, and the meter has seen little of one begun a moment ago)."""
+    h = adaptive(harness, max_starting=4)
+    h.pool.autoscaler.cpus, h.processes.host_cpu = 2, 0.3
+    responses = burst(h, 40, "/?sleep=2")
+    most_starting = 0
+    for _ in range(100):
+        h.run(0.1)
+        most_starting = max(most_starting, h.pool.children.starting())
+    assert most_starting == 1 and len(living(h)) == 4, "one start at a time, up to the most"
+    h.until(lambda: answered(responses), within=120)
+    assert {response.status for response in responses} == {200}
+
+
 def test_max_cpu_1_turns_the_cpu_check_off(harness):
     h = adaptive(harness, max_starting=4, max_cpu=1)
     h.processes.host_cpu = 1.0
