@@ -17,8 +17,9 @@ a phase does not wait for the answers of the one before):
 - ``idle again``: 60 s of the trickle: time for idle children to go.
 
 ``FCGIPOOL_DAY_SCALE=4`` in the environment makes every phase 4 times longer (a day in 12
-minutes): the issue asks for a day in an hour, and in 30 s of burst the seconds the first
-view waits for children to start are a larger share of the answers than in a longer one.
+minutes; 10: half an hour, 20: the hour the issue asks for): in 30 s of burst the seconds
+the first view waits for children to start are a larger share of the answers than in a
+longer one.
 
 Requests: 256x256 WMS GetMap tiles of demo/project/demo.qgs (bench/viewer.py), every peer
 the same sequence (seeded). Between runs the set-up rests 10 s (settled, then idle), so
