@@ -22,13 +22,11 @@ the waiting work (an idle child with work waiting is held back by a class or cli
 which one more child does not lift, unless it is kept free: a class's ``reserved``, or
 the children kept for short requests), the CPUs the pool may run on were not busier than
 ``pool.max_cpu`` while work waited lately, and left at least MIN_FREE_CPUS (half a CPU)
-free meanwhile, each child starting counted as a CPU taken (hostcpu.py: when they were
-busier, the children are CPU-bound, one more would serve no sooner and its start would
-slow those serving; measured on 2 cores, 2 QGIS children serve a map viewer's burst of
-tiles as fast as 4, and one child serving with one starting already fill both: a second
-start waits; a start is CPU-bound, and the meter has seen little of one begun a moment
-ago: the CPUs read 0.66 busy 0.3 s into one, and a second start then made both 1.1-1.3 s
-instead of 0.8), and
+free meanwhile, each child starting counted as a CPU taken (hostcpu.py). When they were
+busier the children are CPU-bound: one more would serve no sooner, and its start would
+slow those serving. Measured on 2 cores: 2 QGIS children serve a map viewer's burst of
+tiles as fast as 4, and one serving with one starting fill both; 0.3 s into a start the
+CPUs read only 0.66 busy, and a second start then made both take 1.1-1.3 s, not 0.8. And
 ``pool.max_memory`` leaves room for one more child as large as the largest.
 
 Down, while nothing waits and the pool is above ``pool.min_workers``: the child idle longest
@@ -156,17 +154,19 @@ class Autoscaler:
         left = backlog + (demand - serving) * start_seconds
         if predicted_wait <= start_seconds and left <= 0:
             return
-        # A start is CPU-bound (QGIS: 0.7-1 s of a CPU), and the meter has seen little of
-        # one begun a moment ago: each child starting counts as a CPU taken.
-        free = 0.0 if cpu is None else (1 - cpu) * self.cpus - children.starting()
-        if cpu is not None and (cpu > self.max_cpu or free < MIN_FREE_CPUS):
-            if not self.held_by_cpu:
-                self.held_by_cpu = True
-                log.debug("scale_up_held", reason="cpu_busy", cpu_busy=round(cpu, 3),
-                          max_cpu=self.max_cpu, cpus=self.cpus, cpus_free=round(free, 3),
-                          starting=children.starting(), backlog=round(backlog, 3),
-                          serving=serving, predicted_wait=round(predicted_wait, 3))  # fmt: skip
-            return
+        if cpu is not None:
+            # A start is CPU-bound (QGIS: 0.7-1 s of a CPU), and the meter has seen little
+            # of one begun a moment ago: each child starting counts as a CPU taken.
+            in_start = children.starting()
+            free = (1 - cpu) * self.cpus - in_start
+            if cpu > self.max_cpu or free < MIN_FREE_CPUS:
+                if not self.held_by_cpu:
+                    self.held_by_cpu = True
+                    log.debug("scale_up_held", reason="cpu_busy", cpu_busy=round(cpu, 3),
+                              max_cpu=self.max_cpu, cpus=self.cpus, cpus_free=round(free, 3),
+                              starting=in_start, backlog=round(backlog, 3), serving=serving,
+                              predicted_wait=round(predicted_wait, 3))  # fmt: skip
+                return
         self.held_by_cpu = False
         if self.max_memory and not self._memory_allows(starting):
             return
