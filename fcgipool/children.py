@@ -11,9 +11,12 @@ supervisor is told, and exits.
 more child is needed or an idle one may go, and :meth:`Children.grow` and
 :meth:`Children.retire_idle` carry it out. The time a child takes from spawn to ready (probe
 and warm-up included) is learned here (``start_seconds``) for those decisions, from the
-starts after the pool first became ready: the first children start together and cold (an
+starts after the pool first became ready. The first children start together and cold (an
 empty page cache, a new profile: 10.5 s for a QGIS child that later starts in 2 s), so their
-time says little about the start of one more child under load.
+time is at most an upper bound on the start of one more child under load: only the first of
+them ready in less than START_SECONDS (the time assumed until one is measured) teaches it.
+A QGIS child is ready in 0.7-1.3 s: with 2 s assumed, the first burst after a quiet start
+waited 6 s for a second child while 160 tiles queued on one.
 
 Every move of a child's state is checked against :data:`TRANSITIONS`. What a process is
 (fork, exec, signals, waitpid) is behind :class:`Processes`: the real one is
@@ -365,11 +368,13 @@ class Children:
         child.ready_at = self.loop.time()
         elapsed = round(child.ready_at - child.started_at, 3)
         log.info("child_ready", pid=child.pid, seconds=elapsed, warmups=child.warmups_done)
-        if self.ready_announced:  # the pool's first children start cold and together
-            learned = self.start_seconds
+        learned = self.start_seconds
+        if self.ready_announced:
             self.start_seconds = (
                 elapsed if learned is None else learned + START_WEIGHT * (elapsed - learned)
             )
+        elif learned is None and elapsed < START_SECONDS:  # cold, and started with others
+            self.start_seconds = elapsed
         if self.config.pool.max_memory or self.config.child.max_rss:
             child.rss = self.processes.rss(child)  # once per start, not per request
         self.failures_in_a_row = 0
