@@ -17,11 +17,6 @@ than the serving children do in a tick (LEFT_MARGIN each)::
 
     backlog + (demand - serving) * start_seconds > serving * LEFT_MARGIN
 
-A forecast that close to none is noise, and the start is not: measured on 2 cores, a map
-viewer's view waiting (0.45 s of tiles over 2 children keeping up, 1.5 of work arriving a
-second) forecast 0.04 s left, and the third child it started ran the rest of a 300 s burst
-at a p99 of 603 ms, where 2 children and a fixed 4 had 480.
-
 and the pool is under ``pool.max_workers``, fewer than ``pool.max_starting`` children are
 starting (those a respawn backoff holds back count as starting), no idle child could take
 the waiting work (an idle child with work waiting is held back by a class or client limit,
@@ -34,6 +29,11 @@ slow those serving. Measured on 2 cores: 2 QGIS children serve a map viewer's bu
 tiles as fast as 4, and one serving with one starting fill both; 0.3 s into a start the
 CPUs read only 0.66 busy, and a second start then made both take 1.1-1.3 s, not 0.8. And
 ``pool.max_memory`` leaves room for one more child as large as the largest.
+
+The tick's margin: a forecast that close to none is noise, and a start is not. On 2 cores,
+a map viewer's view waiting (0.45 s of tiles over 2 children keeping up, 1.5 children of
+work arriving) forecast 0.04 s left; the third child it started ran the rest of a 300 s
+burst at a p99 of 603 ms, where 2 children had 490 and a fixed 4 478.
 
 Down, while nothing waits and the pool is above ``pool.min_workers``: the child idle longest
 (the bottom of the dispatcher's idle stack: the one used last is at the top) is retired
