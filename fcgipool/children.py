@@ -207,6 +207,8 @@ class Children:
         self.minimum = config.pool.minimum
         self.maximum = config.pool.maximum
         self.start_seconds: float | None = None  # learned spawn -> ready, probe and warm-up in
+        self.cpu_ms = 0  # CPU time of the requests served (log.request_cost) ...
+        self.run_seconds = 0.0  # ... and their run time: a child taking each to its end
         self.scaled = {"started": 0, "retired": 0}  # the autoscaler's decisions carried out
         self.last_scaling: dict[str, object] | None = None
         self.stale: list[Child] = []  # children a reload has yet to replace
@@ -624,10 +626,13 @@ class Children:
         if self.measure and request is not None:
             ticks, pages = self.processes.usage(child)
             if ticks or pages:  # one read a request: the last one ended at ticks_at_start
-                request.cpu_ms = (ticks - child.ticks_at_start) * MS_PER_TICK
+                cpu_ms = request.cpu_ms = (ticks - child.ticks_at_start) * MS_PER_TICK
                 child.ticks_at_start = ticks
                 request.rss_mib = pages * PAGE // 2**20
-                child.last_cost = (request.cpu_ms, request.rss_mib)
+                child.last_cost = (cpu_ms, request.rss_mib)
+                if served:  # for the children's CPU share (hostcpu.CpuShare)
+                    self.cpu_ms += cpu_ms
+                    self.run_seconds += self.loop.time() - request.started
         child.request = None
         if served:
             child.requests_served += 1

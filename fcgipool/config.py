@@ -265,7 +265,10 @@ class PoolSection(_Section):
         "and still grows the pool. At least half a CPU must also have been free, each child "
         "starting counted as a CPU taken (its start is CPU-bound): on 2 CPUs at most 0.75 "
         "busy, and a second start waits for the first unless the CPUs were nearly idle. "
-        "1 turns the check off.",
+        "Nor is one added while the serving children take so much CPU that less than half a "
+        "CPU is left (each takes the share of its run time it spent on CPU, learned from "
+        "log.request_cost): 2 CPU-bound children on 2 CPUs hold a third back however free "
+        "the CPUs look between their requests. 1 turns both checks off.",
     )
     max_memory: ByteSize = Field(
         default=ByteSize(0),

@@ -11,17 +11,29 @@ every tile for 1-2 s. So the fraction covers only the intervals between two samp
 both ends of which work waited, within the last :data:`WINDOW`. The autoscaler samples at
 every tick of an adaptive pool (scaling.py): one read of /proc/stat (about 20 us on 2 CPUs)
 ten times a second, bounded on the supervisor's loop; a fixed pool never reads it.
+
+The host's CPUs can look free while the children cannot use them: between two of a burst's
+requests a child is idle for the round trip through the pool, so 2 CPU-bound QGIS children
+on 2 cores read 0.66-0.85 busy while tiles waited, and a third child added there ran a
+300 s burst at a p99 of 560-600 ms where 2 gave 490. What the children themselves say is
+plainer: the CPU time of each request (log.request_cost) against its run time. They spent
+0.86 of it on CPU with 2 children, 0.60 with 3 and 0.46 with 4, the CPUs being shared.
+:class:`CpuShare` keeps that share, so the autoscaler can count the CPUs the serving
+children take (serving x share) and hold a child more that would find less than half a CPU.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 from collections.abc import Callable
 
 WINDOW = 1.0  # seconds: the waiting intervals within this count; shorter than a child's start
 MIN_SPAN = 0.09  # seconds of waiting intervals (one tick): less, and 10 ms ticks say too little
 STAT = "/proc/stat"
+SHARE_MEMORY = 5.0  # seconds of the children's run time the share mostly follows
+SHARE_MIN_RUN = 1.0  # seconds of run time seen: less, and the share is unknown
 
 
 def read_stat(path: str = STAT) -> dict[int, tuple[int, int]]:
@@ -83,3 +95,23 @@ class CpuMeter:
         for _, seconds, interval_busy, interval_total in intervals:
             span, busy, total = span + seconds, busy + interval_busy, total + interval_total
         return busy / total if span >= MIN_SPAN else None
+
+
+class CpuShare:
+    """The share of their run time the children spent on CPU, decaying over the last
+    SHARE_MEMORY seconds of run time (not of wall time: an idle hour keeps what the last
+    burst taught), from the running totals that children.py adds to at each request's end."""
+
+    def __init__(self) -> None:
+        self.seen = (0.0, 0.0)  # the totals at the last update: (CPU, run) seconds
+        self.cpu = self.run = 0.0  # decayed sums
+
+    def update(self, cpu_total: float, run_total: float) -> float | None:
+        """The share after the totals moved to these (above 1 for children that compute on
+        several threads at once); None until SHARE_MIN_RUN."""
+        cpu, run = cpu_total - self.seen[0], run_total - self.seen[1]
+        if run > 0:
+            self.seen = (cpu_total, run_total)
+            keep = math.exp(-run / SHARE_MEMORY)
+            self.cpu, self.run = self.cpu * keep + cpu, self.run * keep + run
+        return self.cpu / self.run if self.run >= SHARE_MIN_RUN else None

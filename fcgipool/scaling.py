@@ -23,12 +23,15 @@ the waiting work (an idle child with work waiting is held back by a class or cli
 which one more child does not lift, unless it is kept free: a class's ``reserved``, or
 the children kept for short requests), the CPUs the pool may run on were not busier than
 ``pool.max_cpu`` while work waited lately, and left at least MIN_FREE_CPUS (half a CPU)
-free meanwhile, each child starting counted as a CPU taken (hostcpu.py). When they were
-busier the children are CPU-bound: one more would serve no sooner, and its start would
-slow those serving. Measured on 2 cores: 2 QGIS children serve a map viewer's burst of
-tiles as fast as 4, and one serving with one starting fill both; 0.3 s into a start the
-CPUs read only 0.66 busy, and a second start then made both take 1.1-1.3 s, not 0.8. And
-``pool.max_memory`` leaves room for one more child as large as the largest.
+free meanwhile, each child starting counted as a CPU taken (hostcpu.py). Nor may the
+serving children take so much CPU that less than that is left: ``serving x share`` CPUs,
+the share being that of their run time they spent on CPU (hostcpu.CpuShare, from the
+request costs). When either says so the children are CPU-bound: one more would serve no
+sooner, and its start would slow those serving. Measured on 2 cores: 2 QGIS children
+serve a map viewer's burst of tiles as fast as 4 (3 serve it worse), and one serving with
+one starting fill both; 0.3 s into a start the CPUs read only 0.66 busy, and a second
+start then made both take 1.1-1.3 s, not 0.8. And ``pool.max_memory`` leaves room for
+one more child as large as the largest.
 
 The tick's margin: a forecast that close to none is noise, and a start is not. On 2 cores,
 a map viewer's view waiting (0.45 s of tiles over 2 children keeping up, 1.5 children of
@@ -67,6 +70,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import logs
 from .child import State
 from .children import START_SECONDS
+from .hostcpu import CpuShare
 
 if TYPE_CHECKING:
     from .child import Child
@@ -114,6 +118,8 @@ class Autoscaler:
         self.cpu_busy = cpu_busy
         self.cpus = cpus
         self.held_by_cpu = False  # growth is held back by busy CPUs (logged once a spell)
+        self.cpu_share = CpuShare()  # of the children's run time, from the request costs
+        self.share: float | None = None  # its last value (None: unknown)
         self.changed_at = clock()  # the last child started or retired by a decision here
         self.configure(config)
 
@@ -135,6 +141,7 @@ class Autoscaler:
             return
         waiting = self.dispatcher.waiting > 0
         cpu = self.cpu_busy(waiting) if self.max_cpu < 1 else None  # sampled every tick
+        self.share = self.cpu_share.update(children.cpu_ms / 1000, children.run_seconds)
         if waiting:
             self._maybe_grow(cpu)
             return
@@ -161,16 +168,24 @@ class Autoscaler:
         left = backlog + (demand - serving) * start_seconds
         if predicted_wait <= start_seconds and left <= serving * LEFT_MARGIN:
             return
-        if cpu is not None:
+        if self.max_cpu < 1:
             # A start is CPU-bound (QGIS: 0.7-1 s of a CPU), and the meter has seen little
             # of one begun a moment ago: each child starting counts as a CPU taken.
             in_start = children.starting()
-            free = (1 - cpu) * self.cpus - in_start
-            if cpu > self.max_cpu or free < MIN_FREE_CPUS:
+            held = None
+            if cpu is not None:
+                free = (1 - cpu) * self.cpus - in_start
+                if cpu > self.max_cpu or free < MIN_FREE_CPUS:
+                    held = {"reason": "cpu_busy", "cpu_busy": round(cpu, 3),
+                            "max_cpu": self.max_cpu}  # fmt: skip
+            if held is None and self.share is not None:
+                free = self.cpus - serving * self.share - in_start
+                if free < MIN_FREE_CPUS:
+                    held = {"reason": "children_cpu_bound", "cpu_share": round(self.share, 3)}
+            if held is not None:
                 if not self.held_by_cpu:
                     self.held_by_cpu = True
-                    log.debug("scale_up_held", reason="cpu_busy", cpu_busy=round(cpu, 3),
-                              max_cpu=self.max_cpu, cpus=self.cpus, cpus_free=round(free, 3),
+                    log.debug("scale_up_held", **held, cpus=self.cpus, cpus_free=round(free, 3),
                               starting=in_start, backlog=round(backlog, 3), serving=serving,
                               predicted_wait=round(predicted_wait, 3))  # fmt: skip
                 return
@@ -187,6 +202,8 @@ class Autoscaler:
         }
         if cpu is not None:
             numbers["cpu_busy"] = round(cpu, 3)
+        if self.share is not None and self.max_cpu < 1:
+            numbers["cpu_share"] = round(self.share, 3)
         log.debug("scale_up", **numbers, workers=children.workers + 1)
         self.changed_at = self.clock()
         children.grow("predicted_wait", numbers)

@@ -75,12 +75,14 @@ def scaling(pool: PoolView) -> dict[str, Any]:
         at = float(last["at"])  # type: ignore[arg-type]
         last = {**last, "at": round(pool.uptime() - (pool.now() - at), 3)}
     learned = children.start_seconds
+    share = pool.autoscaler.share
     return {
         "last": last,
         "started": children.scaled["started"],
         "retired": children.scaled["retired"],
         "start_seconds": round(START_SECONDS if learned is None else learned, 3),
         "held_by_cpu": pool.autoscaler.held_by_cpu,
+        "cpu_share": None if share is None else round(share, 3),
     }
 
 

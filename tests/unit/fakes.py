@@ -23,6 +23,7 @@ from typing import Any
 
 from fcgipool import config as configuration
 from fcgipool.child import Child, ChildConnection
+from fcgipool.children import MS_PER_TICK
 from fcgipool.client import cgi_params, parse_head, split_head
 from fcgipool.protocol import (
     AbortRequest,
@@ -39,6 +40,8 @@ from fcgipool.protocol import (
     encode_response,
 )
 from fcgipool.supervisor import Pool
+
+TICKS_PER_SECOND = 1000 / MS_PER_TICK  # of CPU time in /proc/PID/stat
 
 
 class Deadlock(AssertionError):
@@ -343,6 +346,7 @@ class FakeProgram:
     def _finish(self, end: _ProgramEnd, request_id: int, action: Answer) -> None:
         if self.alive:
             self.busy = False
+            self.cpu_ticks += round(action.after * self.processes.cpu_share * TICKS_PER_SECOND)
             end.answer(request_id, action.status, action.body)
             self._next()
 
@@ -390,6 +394,7 @@ class FakeProcesses:
         self.host_cpu: float | None = None  # how busy the "host's" CPUs are (cpu_busy)
         self.cpu_asked: list[bool] = []  # cpu_busy's ``waiting`` at each call
         self.host_cpus = 4  # the CPUs the pool may run on (cpu_count)
+        self.cpu_share = 0.0  # of each answer's time a program spends on CPU (cpu_ticks)
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())

@@ -114,3 +114,41 @@ def test_an_unreadable_stat_is_unknown_not_an_error():
         raise OSError(2, "No such file or directory")
 
     assert hostcpu.CpuMeter(lambda: 0.0, broken, cpus={0}).busy(True) is None
+
+
+# ---------------------------------------------------------------- the children's CPU share
+
+
+def test_the_share_is_unknown_until_a_second_of_run_time_then_cpu_over_run():
+    share = hostcpu.CpuShare()
+    assert share.update(0.0, 0.0) is None
+    assert share.update(0.45, 0.5) is None, "half a second of run time says too little"
+    value = share.update(1.08, 1.2)  # the sums decay as they grow: 1.09 s of it weighed
+    assert value is not None and value == pytest.approx(0.9)
+
+
+def test_the_share_keeps_what_it_learned_while_nothing_runs():
+    """It decays over the children's run time, not the wall's: a quiet hour keeps what the
+    last burst taught, for the next one."""
+    share = hostcpu.CpuShare()
+    share.update(1.8, 2.0)
+    for _ in range(100):
+        assert share.update(1.8, 2.0) == pytest.approx(0.9)
+
+
+def test_the_share_follows_a_change_within_a_few_memories_of_run_time():
+    share = hostcpu.CpuShare()
+    cpu = run = 0.0
+    for _ in range(50):  # CPU-bound children, then ones that wait on a database
+        cpu, run = cpu + 0.09, run + 0.1
+        share.update(cpu, run)
+    assert share.update(cpu, run) == pytest.approx(0.9)
+    for _ in range(int(3 * hostcpu.SHARE_MEMORY / 0.1)):
+        cpu, run = cpu + 0.01, run + 0.1
+        last = share.update(cpu, run)
+    assert last is not None and 0.1 < last < 0.15, "0.9 weighs e^-3 after three memories"
+
+
+def test_children_on_several_threads_have_a_share_above_one():
+    share = hostcpu.CpuShare()
+    assert share.update(3.0, 2.0) == pytest.approx(1.5)
