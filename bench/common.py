@@ -853,6 +853,16 @@ async def _read_response(reader: asyncio.StreamReader, tag_header: str) -> tuple
     return code, close, headers.get(tag_header, "")
 
 
+def _closed_while_idle(error: BaseException) -> bool:
+    """Whether a kept-alive connection failed as one the server closed while it sat idle
+    (nginx's keepalive_timeout): no byte of an answer came back, either as an end of file or,
+    when the close crossed the request on the wire, as a reset. Such a request never reached
+    the pool; a client sends it again on a new connection, as browsers and urllib3 do."""
+    if isinstance(error, asyncio.IncompleteReadError):
+        return not error.partial
+    return isinstance(error, (ConnectionResetError, BrokenPipeError))
+
+
 async def _load(port: int, duration: float, workers: int, choose, timeout: float,
                 warmup: float, drain: float, tag_header: str) -> LoadResult:  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -889,10 +899,7 @@ async def _load(port: int, duration: float, workers: int, choose, timeout: float
                         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                                 TimeoutError, ValueError) as error:  # fmt: skip
                             self.close()
-                            idle_closed = isinstance(error, asyncio.IncompleteReadError) and (
-                                not error.partial
-                            )
-                            if reused and attempt == 0 and idle_closed:
+                            if reused and attempt == 0 and _closed_while_idle(error):
                                 continue  # the server had closed the idle connection: again
                             status, close, tag = 0, True, ""
                         done = loop.time()
@@ -958,8 +965,7 @@ class _Connections:
                     TimeoutError, ValueError) as error:  # fmt: skip
                 if writer is not None:
                     writer.close()
-                idle_closed = isinstance(error, asyncio.IncompleteReadError) and not error.partial
-                if reused and attempt == 0 and idle_closed:
+                if reused and attempt == 0 and _closed_while_idle(error):
                     continue  # the server had closed the idle connection: again
                 return Sample(kind, loop.time() - start, 0)
             if close:
