@@ -940,7 +940,9 @@ def run_load(port: int, duration: float, workers: int, choose, timeout: float = 
 
 class _Connections:
     """Idle kept-alive connections to 127.0.0.1:port, reused; a request takes one or opens
-    one, and gives it back unless the server closes it."""
+    one, and gives it back unless the server closes it. A retry always opens a new one: after
+    a burst many idle connections outlive nginx's keepalive_timeout together, so a second
+    idle one would as likely be closed too."""
 
     def __init__(self, port: int, timeout: float):
         self.port, self.timeout = port, timeout
@@ -950,7 +952,7 @@ class _Connections:
         loop = asyncio.get_running_loop()
         request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
         for attempt in (0, 1):
-            reused = bool(self.idle)
+            reused = attempt == 0 and bool(self.idle)  # a retry never takes another idle one
             start = loop.time()
             reader = writer = None
             try:
@@ -965,8 +967,8 @@ class _Connections:
                     TimeoutError, ValueError) as error:  # fmt: skip
                 if writer is not None:
                     writer.close()
-                if reused and attempt == 0 and _closed_while_idle(error):
-                    continue  # the server had closed the idle connection: again
+                if reused and _closed_while_idle(error):
+                    continue  # the server had closed the idle connection: again, on a new one
                 return Sample(kind, loop.time() - start, 0)
             if close:
                 writer.close()
