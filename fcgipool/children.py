@@ -209,6 +209,7 @@ class Children:
         self.start_seconds: float | None = None  # learned spawn -> ready, probe and warm-up in
         self.cpu_ms = 0  # CPU time of the requests served (log.request_cost) ...
         self.run_seconds = 0.0  # ... and their run time: a child taking each to its end
+        self.finished = 0  # requests the children answered (throughput.Throughput)
         self.scaled = {"started": 0, "retired": 0}  # the autoscaler's decisions carried out
         self.last_scaling: dict[str, object] | None = None
         self.stale: list[Child] = []  # children a reload has yet to replace
@@ -636,6 +637,7 @@ class Children:
         child.request = None
         if served:
             child.requests_served += 1
+            self.finished += 1
         if child.state is not State.BUSY:
             return
         if not self.config.child.keep_conn:
@@ -773,6 +775,20 @@ class Children:
         self.last_scaling = self._decision("retired", reason, numbers)
         child.retiring = reason
         self._retire(child)
+
+    def shrink(self, child: Child, reason: str, numbers: dict[str, float]) -> None:
+        """One child fewer, ``child`` (the autoscaler tried it, and it added nothing): it
+        goes now if idle, else once its request ends; it is not replaced."""
+        if self.stopping or child.retiring or self.workers <= self.minimum:
+            return
+        if child.state not in (State.IDLE, State.BUSY):
+            return
+        self.workers -= 1
+        self.scaled["retired"] += 1
+        self.last_scaling = self._decision("retired", reason, numbers)
+        child.retiring = reason
+        if child.state is State.IDLE:
+            self._retire(child)
 
     def _decision(self, action: str, reason: str, numbers: dict[str, float]) -> dict[str, object]:
         return {"action": action, "reason": reason, "at": self.loop.time(), **numbers,

@@ -268,7 +268,10 @@ class PoolSection(_Section):
         "Nor is one added while the serving children take so much CPU that less than half a "
         "CPU is left (each takes the share of its run time it spent on CPU, learned from "
         "log.request_cost): 2 CPU-bound children on 2 CPUs hold a third back however free "
-        "the CPUs look between their requests. 1 turns both checks off.",
+        "the CPUs look between their requests. While either holds a child back, one is "
+        "tried now and then, serving and parked in turns: it stays unless the requests "
+        "finished a second while work waited were fewer with it, else it goes and the next "
+        "trial waits 60 s (doubling). 1 turns the checks and the trials off.",
     )
     max_memory: ByteSize = Field(
         default=ByteSize(0),

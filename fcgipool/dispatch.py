@@ -39,7 +39,7 @@ from math import frexp
 from typing import TYPE_CHECKING
 
 from . import logs
-from .child import remember
+from .child import State, remember
 from .costs import CostModel
 from .peaks import Peak
 from .projects import Projects
@@ -174,6 +174,7 @@ class Dispatcher:
         self.costs = costs if costs is not None else CostModel(config.tuning)
         self.projects = projects if projects is not None else Projects(config, clock)
         self.idle: list[Child] = []  # a stack: the child used last is warmest
+        self.parked: Child | None = None  # a ready child kept out of it (park)
         self.members: set[Child] = set()  # ready children, busy or idle, until they stop
         self.classes: dict[str, ClassQueue] = {}
         self.by_priority: list[ClassQueue] = []
@@ -455,6 +456,8 @@ class Dispatcher:
     def child_idle(self, child: Child) -> None:
         """A child is free: give it the best waiting request that may start, else keep it."""
         self.members.add(child)
+        if child is self.parked:
+            return
         self.idle.append(child)
         if self.held and self._give_held(child):
             return
@@ -465,7 +468,21 @@ class Dispatcher:
         if child in self.idle:
             self.idle.remove(child)
 
+    def park(self, child: Child) -> None:
+        """``child`` takes no request until :meth:`unpark` (a trial's turn without it,
+        scaling.py): it finishes the one it has, then waits out of the idle stack."""
+        self.parked = child
+        self.take_out(child)
+
+    def unpark(self, serve: bool = True) -> None:
+        """The parked child takes requests again (``serve``), or is left to be retired."""
+        child, self.parked = self.parked, None
+        if serve and child is not None and child.state is State.IDLE and not child.retiring:
+            self.child_idle(child)
+
     def forget(self, child: Child) -> None:
+        if child is self.parked:
+            self.parked = None
         self.members.discard(child)
         if child in self.idle:
             self.idle.remove(child)

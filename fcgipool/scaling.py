@@ -33,6 +33,22 @@ one starting fill both; 0.3 s into a start the CPUs read only 0.66 busy, and a s
 start then made both take 1.1-1.3 s, not 0.8. And ``pool.max_memory`` leaves room for
 one more child as large as the largest.
 
+The CPU meters only guess: the CPUs are shared with nginx, the pool and the rest of the
+host, and the children's part of them grows with their number (on another 2-core VM 2 QGIS
+children read them full, 0.97 busy and a share of 0.87, yet 4 served a map viewer's burst
+4-18 % faster, at a p99 of 618-947 ms where 2 gave 1,138-1,292). So while one holds back a
+child the waiting work asks for, a child is tried (:class:`Trial`): once the pool has
+waited TRIAL_SPAN seconds at its size (throughput.Throughput, no child starting), one is
+started; once it is ready it serves and is parked in turns of TRIAL_ARM seconds of
+waiting, until each side has TRIAL_SPAN. It stays unless the requests finished a second
+with it were fewer than without (TRIAL_GAIN: none more is asked, as the median rate misses
+what more children are for; measured with 2 and 4 QGIS children on 2 cores, the median rate
+of the half-seconds in which tiles waited was alike, 130-144 tiles a second, but 2 dipped
+more when something else took the CPUs: 72-80 in the lowest 5 % against 112, and that is
+the p99). The next may then be tried; else it goes (parked, so
+idle: Children.shrink) and the next trial waits TRIAL_HOLD, doubling with each failure in a
+row until an idle child is retired (the load changed). Nothing else is decided meanwhile.
+
 The tick's margin: a forecast that close to none is noise, and a start is not. On 2 cores,
 a map viewer's view waiting (0.45 s of tiles over 2 children keeping up, 1.5 children of
 work arriving) forecast 0.04 s left; the third child it started ran the rest of a 300 s
@@ -71,6 +87,7 @@ from . import logs
 from .child import State
 from .children import START_SECONDS
 from .hostcpu import CpuShare
+from .throughput import Throughput
 
 if TYPE_CHECKING:
     from .child import Child
@@ -81,6 +98,12 @@ log = logs.get("fcgipool.dispatch")
 SPARE = 1  # children kept beyond what the arriving work needs (a surplus above is retired)
 WAITED_SHARE = 0.05  # ... while no more than this share of the work waited for a child
 LEFT_MARGIN = 0.1  # seconds of work per serving child (a tick's) the forecast must leave
+TRIAL_SPAN = 10.0  # seconds of waiting at a size before a trial, and with and without its child
+TRIAL_ARM = 2.5  # seconds of waiting each turn with or without the child tried lasts
+TRIAL_GAIN = 0.0  # what a child tried must add to the requests finished a second to stay
+TRIAL_HOLD = 60.0  # seconds after a tried child added nothing before the next trial ...
+TRIAL_HOLD_MAX = 960.0  # ... doubling with each in a row, up to this
+TRIAL_QUIET = 10.0  # seconds with nothing waiting that end a trial (the load went): undecided
 MIN_FREE_CPUS = 0.5  # CPUs left free while work waited: less, and a child more would get
 # less than half a CPU (on 2 CPUs: busier than 0.75; pool.max_cpu decides on 5 or more)
 
@@ -100,6 +123,30 @@ class Waiting(Protocol):
         """Children the arriving work needs (predicted seconds admitted per second)."""
     def waited_share(self) -> float:
         """The share of the work admitted lately that waited for a child."""
+    def park(self, child: Child) -> None:
+        """Keep ``child`` out of the idle stack (a trial's turn without it)."""
+    def unpark(self, serve: bool = True) -> None:
+        """The parked child serves again (``serve``), or is left to be retired."""
+
+
+class Trial:
+    """A child started past a CPU hold, being measured. In turns it serves and is parked
+    (out of the idle stack: the others serve alone), so that what the load and the host do
+    over seconds falls on both sides alike: on a 2-core VM the rate at one size moved from
+    190 to 143 tiles a second within a minute, more than a child's gain."""
+
+    def __init__(self, size: int, at: float, rate_before: float) -> None:
+        self.size, self.at, self.waited_at = size, at, at  # children serving with it
+        self.rate_before = rate_before  # the pool's rate when it was started
+        self.child: Child | None = None  # the youngest once it is ready: the one parked
+        self.parked = False
+        self.turn = 0.0  # seconds of waiting in this turn
+        self.last: tuple[float, int, bool] | None = None  # (time, finished, waiting)
+        self.seconds = {True: 0.0, False: 0.0}  # of waiting with the child and without
+        self.finished = {True: 0, False: 0}  # requests finished meanwhile
+
+    def rate(self, side: bool) -> float:
+        return self.finished[side] / self.seconds[side] if self.seconds[side] else 0.0
 
 
 class Autoscaler:
@@ -121,6 +168,11 @@ class Autoscaler:
         self.cpu_share = CpuShare()  # of the children's run time, from the request costs
         self.share: float | None = None  # its last value (None: unknown)
         self.changed_at = clock()  # the last child started or retired by a decision here
+        self.throughput = Throughput(clock)  # requests finished a second while work waits
+        self.trial: Trial | None = None  # a child started past the CPU holds, measured
+        self.trials = {"kept": 0, "retired": 0}
+        self.failed_trials = 0  # in a row
+        self.next_trial_at = 0.0
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -138,10 +190,18 @@ class Autoscaler:
         """At most one decision: a child more, or an idle one fewer."""
         children = self.children
         if children.stopping or children.replacing or children.minimum == children.maximum:
+            if self.trial is not None:
+                self._end_trial("undecided")
             return
         waiting = self.dispatcher.waiting > 0
         cpu = self.cpu_busy(waiting) if self.max_cpu < 1 else None  # sampled every tick
         self.share = self.cpu_share.update(children.cpu_ms / 1000, children.run_seconds)
+        parked = self.trial is not None and self.trial.parked
+        size = (children.serving() - parked, children.starting())
+        self.throughput.sample(children.finished, waiting, size)
+        if self.trial is not None:
+            self._run_trial(waiting)  # nothing else is decided meanwhile
+            return
         if waiting:
             self._maybe_grow(cpu)
             return
@@ -183,6 +243,9 @@ class Autoscaler:
                 if free < MIN_FREE_CPUS:
                     held = {"reason": "children_cpu_bound", "cpu_share": round(self.share, 3)}
             if held is not None:
+                if self._may_try(serving, in_start):
+                    self._try(held, backlog, serving, predicted_wait)
+                    return
                 if not self.held_by_cpu:
                     self.held_by_cpu = True
                     log.debug("scale_up_held", **held, cpus=self.cpus, cpus_free=round(free, 3),
@@ -207,6 +270,107 @@ class Autoscaler:
         log.debug("scale_up", **numbers, workers=children.workers + 1)
         self.changed_at = self.clock()
         children.grow("predicted_wait", numbers)
+
+    def _may_try(self, serving: int, starting: int) -> bool:
+        """A child more may be tried past the CPU holds: none is being tried or starting,
+        the last one tried that added nothing was a while ago, and the pool's rate at its
+        size now is known (TRIAL_SPAN seconds of waiting)."""
+        return (
+            self.trial is None
+            and not starting
+            and self.clock() >= self.next_trial_at
+            and self.throughput.size == (serving, 0)
+            and self.throughput.span >= TRIAL_SPAN
+            and (not self.max_memory or self._memory_allows(0))
+        )
+
+    def _try(self, held: dict[str, object], backlog: float, serving: int, wait: float) -> None:
+        rate = self.throughput.rate() or 0.0
+        numbers = {"rate_before": round(rate, 2), "serving": serving, "backlog": round(backlog, 3),
+                   "predicted_wait": round(wait, 3)}  # fmt: skip
+        if isinstance(held.get("cpu_busy"), float):
+            numbers["cpu_busy"] = held["cpu_busy"]  # type: ignore[assignment]
+        if self.share is not None:
+            numbers["cpu_share"] = round(self.share, 3)
+        log.debug("scale_up", reason="trial", held=held["reason"], **numbers,
+                  workers=self.children.workers + 1)  # fmt: skip
+        now = self.changed_at = self.clock()
+        self.trial = Trial(serving + 1, now, rate)
+        self.children.grow("trial", numbers)
+
+    def _run_trial(self, waiting: bool) -> None:
+        """One tick of the trial: once the child tried is ready, turns with it serving and
+        parked (TRIAL_ARM seconds of waiting each), until each side has TRIAL_SPAN; then it
+        stays if the requests finished a second with it are TRIAL_GAIN more than without,
+        else it goes (parked, so idle) and the next trial waits (TRIAL_HOLD, doubling)."""
+        trial, children, now = self.trial, self.children, self.clock()
+        assert trial is not None
+        if waiting:
+            trial.waited_at = now
+        child = trial.child
+        if now - trial.waited_at > TRIAL_QUIET or (child is not None and (
+                child.state is State.DEAD or child.retiring)):  # fmt: skip
+            self._end_trial("undecided")  # the load went, or the child did
+            return
+        if child is None:
+            if children.serving() < trial.size or children.starting():
+                return  # not ready yet
+            ready = [c for c in children.active() if c.state in (State.IDLE, State.BUSY)]
+            trial.child = max(ready, key=lambda c: c.started_at)  # the youngest is parked
+            return
+        side = not trial.parked  # True: with the child serving
+        if trial.last is not None:
+            then, before, waited = trial.last
+            if waited and waiting:
+                trial.seconds[side] += now - then
+                trial.finished[side] += children.finished - before
+                trial.turn += now - then
+        trial.last = (now, children.finished, waiting)
+        if trial.turn < TRIAL_ARM:
+            return
+        trial.turn, trial.last = 0.0, None  # a turn's first tick is the switch's
+        if trial.parked and min(trial.seconds.values()) >= TRIAL_SPAN:
+            self._judge(trial)
+        elif trial.parked:
+            trial.parked = False
+            self.dispatcher.unpark()
+        else:
+            trial.parked = True
+            self.dispatcher.park(child)
+
+    def _judge(self, trial: Trial) -> None:
+        with_child, without = trial.rate(True), trial.rate(False)
+        gain = with_child / without - 1 if without > 0 else 1.0
+        numbers = {"rate_with": round(with_child, 2), "rate_without": round(without, 2),
+                   "gain": round(gain, 3), "min_gain": TRIAL_GAIN}  # fmt: skip
+        if gain >= TRIAL_GAIN:
+            self._end_trial("kept", numbers)
+            return
+        now = self.changed_at = self.clock()
+        self.failed_trials += 1
+        hold = min(TRIAL_HOLD_MAX, TRIAL_HOLD * 2 ** (self.failed_trials - 1))
+        self.next_trial_at = now + hold
+        numbers["next_trial_in"] = hold
+        child = trial.child
+        assert child is not None
+        self._end_trial("retired", numbers)
+        log.debug("scale_down", reason="trial_no_gain", pid=child.pid, **numbers,
+                  workers=self.children.workers - 1)  # fmt: skip
+        self.children.shrink(child, "trial_no_gain", numbers)
+
+    def _end_trial(self, outcome: str, numbers: dict[str, float] | None = None) -> None:
+        """The trial is over: its child serves again, unless it is to be retired."""
+        trial = self.trial
+        assert trial is not None
+        self.trial = None
+        if trial.parked:
+            self.dispatcher.unpark(serve=outcome != "retired")
+        if outcome in self.trials:
+            self.trials[outcome] += 1
+        if outcome == "kept":
+            self.failed_trials = 0
+        log.debug("scale_trial", outcome=outcome, seconds=round(self.clock() - trial.at, 3),
+                  **(numbers or {}), workers=self.children.workers)  # fmt: skip
 
     def _memory_allows(self, starting: int) -> bool:
         """The sampled RSS of the living children, with each starting one (not sampled yet)
@@ -244,6 +408,7 @@ class Autoscaler:
                                               "idle_seconds": round(idle, 3)})  # fmt: skip
 
     def _retire(self, child: Child, reason: str, numbers: dict[str, float]) -> None:
+        self.failed_trials = 0  # the load changed: what a child more adds may have too
         log.debug("scale_down", reason=reason, pid=child.pid, **numbers,
                   workers=self.children.workers - 1)  # fmt: skip
         self.changed_at = self.clock()

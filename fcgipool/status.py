@@ -75,7 +75,14 @@ def scaling(pool: PoolView) -> dict[str, Any]:
         at = float(last["at"])  # type: ignore[arg-type]
         last = {**last, "at": round(pool.uptime() - (pool.now() - at), 3)}
     learned = children.start_seconds
-    share = pool.autoscaler.share
+    scaler = pool.autoscaler
+    share, trial, rate = scaler.share, scaler.trial, scaler.throughput.rate()
+    tried = None
+    if trial is not None:
+        tried = {"rate_before": round(trial.rate_before, 2), "workers": trial.size,
+                 "seconds": round(pool.now() - trial.at, 3), "parked": trial.parked,
+                 "rate_with": round(trial.rate(True), 2),
+                 "rate_without": round(trial.rate(False), 2)}  # fmt: skip
     return {
         "last": last,
         "started": children.scaled["started"],
@@ -83,6 +90,10 @@ def scaling(pool: PoolView) -> dict[str, Any]:
         "start_seconds": round(START_SECONDS if learned is None else learned, 3),
         "held_by_cpu": pool.autoscaler.held_by_cpu,
         "cpu_share": None if share is None else round(share, 3),
+        "rate": None if rate is None else round(rate, 2),
+        "trial": tried,
+        "trials": dict(scaler.trials),
+        "next_trial_in": round(max(0.0, scaler.next_trial_at - pool.now()), 3),
     }
 
 

@@ -310,7 +310,7 @@ class FakeProgram:
             loop = self.processes.loop
             if isinstance(action, Answer):
                 self.busy = True
-                after = action.after + self._load(params)
+                after = action.after * self.processes.slowdown() + self._load(params)
                 loop.call_later(after, self._finish, end, request_id, action)
             elif isinstance(action, Crash):
                 self.busy = True
@@ -395,6 +395,10 @@ class FakeProcesses:
         self.cpu_asked: list[bool] = []  # cpu_busy's ``waiting`` at each call
         self.host_cpus = 4  # the CPUs the pool may run on (cpu_count)
         self.cpu_share = 0.0  # of each answer's time a program spends on CPU (cpu_ticks)
+        # CPU-bound programs sharing this many CPUs: an answer begun while more are busy
+        # takes longer in proportion (None: each has a CPU of its own)
+        self.shared_cpus: int | None = None
+        self.switch_cost = 0.0  # ... and each program more than CPUs slows all by this more
 
     def spawn(self, child: Child) -> None:
         self.spawned_at.append(self.loop.time())
@@ -453,6 +457,14 @@ class FakeProcesses:
     def cpu_busy(self, waiting: bool) -> float | None:
         self.cpu_asked.append(waiting)
         return self.host_cpu
+
+    def slowdown(self) -> float:
+        """How much longer an answer begun now takes (shared_cpus)."""
+        if self.shared_cpus is None:
+            return 1.0
+        busy = sum(program.busy and program.alive for program in self.programs.values())
+        over = max(0, busy - self.shared_cpus)
+        return max(1.0, busy / self.shared_cpus) * (1 + self.switch_cost * over)
 
     def cpu_count(self) -> int:
         return self.host_cpus

@@ -13,7 +13,7 @@ from fakes import Answer
 from fcgipool.child import State
 from fcgipool.children import START_SECONDS
 from fcgipool.config import Config
-from fcgipool.scaling import Autoscaler
+from fcgipool.scaling import TRIAL_GAIN, TRIAL_HOLD, TRIAL_QUIET, TRIAL_SPAN, Autoscaler
 from fcgipool.supervisor import Lifecycle
 
 START = 1.0  # seconds each fake child takes to answer its readiness probe
@@ -168,6 +168,7 @@ class TwoServing:
     stopping = replacing = False
     minimum, maximum, workers, start_seconds = 1, 4, 2, 1.0
     cpu_ms, run_seconds = 0, 0.0  # nothing served yet: the children's CPU share unknown
+    finished = 0
 
     def __init__(self) -> None:
         self.all: list = []
@@ -358,6 +359,121 @@ def test_max_cpu_1_turns_the_cpu_check_off(harness):
     responses = burst(h, 40, "/?sleep=2")
     h.until(lambda: len(living(h)) == 4, within=5)
     h.until(lambda: answered(responses), within=120)
+
+
+class Flood:
+    """Open-loop arrivals: ``per_second`` requests of ``uri`` a second, a tenth of a second
+    at a time, while it counts the most children alive."""
+
+    def __init__(self, h, uri: str, per_second: float) -> None:
+        self.h, self.uri, self.per_second = h, uri, per_second
+        self.responses: list = []
+        self.owed = 0.0
+        self.most_alive = 0
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds * 10)):
+            self.owed += self.per_second / 10
+            while self.owed >= 1:
+                self.owed -= 1
+                n = len(self.responses)
+                self.responses.append(self.h.connect().request(f"{self.uri}&n={n}"))
+            self.h.run(0.1)
+            self.most_alive = max(self.most_alive, len(living(self.h)))
+
+
+def test_a_child_tried_past_busy_cpus_that_adds_nothing_goes_and_the_next_trial_waits(harness):
+    """Both CPU meters say the CPUs are full, but only the requests finished a second tell
+    whether a child more wins the children more of them: once the pool's rate is known
+    (TRIAL_SPAN of waiting) one is tried, in turns serving and parked; it is retired when
+    the rate with it was not TRIAL_GAIN above the rate without. The next trial waits
+    TRIAL_HOLD, twice as long after a second failure."""
+    h = adaptive(harness, max_starting=4, min_workers=2, workers=2)
+    h.processes.host_cpu, h.processes.shared_cpus = 0.95, 2  # 3 children share 2 CPUs ...
+    h.processes.switch_cost = 0.1  # ... and lose a tenth to switching between them
+    flood = Flood(h, "/?sleep=0.1", 22)  # 2 children finish 20 a second, 3 about 18
+    flood.run(TRIAL_SPAN - 1)
+    assert len(living(h)) == 2, "no trial before the rate at 2 children is known"
+    flood.run(3)
+    scaler = h.pool.autoscaler
+    assert scaler.trial is not None and len(living(h)) == 3
+    parked, served, was_parked = [], 0, False
+    for _ in range(400):  # its turns: with the child serving, then parked
+        flood.run(0.1)
+        if scaler.trial is None:
+            break
+        child = scaler.trial.child
+        if child is not None:
+            count = len(h.processes.programs[child.pid].served)
+            if scaler.trial.parked and was_parked:  # a whole step parked
+                parked.append(count - served)
+            served, was_parked = count, scaler.trial.parked
+    assert scaler.trials == {"kept": 0, "retired": 1} and len(living(h)) == 2
+    assert len(parked) > 60 and sum(parked) == 0, "a parked child takes no request"
+    last = h.pool.children.last_scaling
+    assert last is not None and last["action"] == "retired" and last["reason"] == "trial_no_gain"
+    assert last["rate_without"] == pytest.approx(20, rel=0.05)
+    assert last["rate_with"] == pytest.approx(18, rel=0.05) and last["gain"] < TRIAL_GAIN
+    scaling = h.pool.status()["pool"]["scaling"]
+    assert scaling["trial"] is None and TRIAL_HOLD - 3 < scaling["next_trial_in"] <= TRIAL_HOLD
+    flood.most_alive = 0
+    flood.run(TRIAL_HOLD - 5)
+    assert flood.most_alive == 2, "no trial while the last one's hold lasts"
+    flood.run(5 + 4 * TRIAL_SPAN)
+    assert scaler.trials == {"kept": 0, "retired": 2}
+    assert h.pool.status()["pool"]["scaling"]["next_trial_in"] > TRIAL_HOLD, "doubled"
+    h.until(lambda: answered(flood.responses), within=120)
+    assert {response.status for response in flood.responses} == {200}, "none lost or refused"
+    assert sum(len(program.served) for program in h.processes.started) == len(flood.responses)
+
+
+def test_a_child_tried_past_busy_cpus_that_serves_more_stays_and_the_next_is_tried(harness):
+    """Children waiting on something else than the CPUs the meters read (a cascaded WMS, a
+    database on another host): each child tried finishes more, and stays."""
+    h = adaptive(harness, max_starting=4, min_workers=2, workers=2)
+    h.processes.host_cpu = 0.95
+    flood = Flood(h, "/?sleep=0.1", 26)  # 2 children finish 20 a second, 3 finish 30
+    scaler = h.pool.autoscaler
+    for _ in range(60):
+        flood.run(1)
+        if scaler.trials["kept"]:
+            break
+    assert scaler.trials == {"kept": 1, "retired": 0} and len(living(h)) == 3
+    last = h.pool.children.last_scaling
+    assert last is not None and last["reason"] == "trial" and last["rate_before"] > 0
+    flood.per_second = 36  # more than 3 finish: the fourth is tried
+    for _ in range(60):
+        flood.run(1)
+        if scaler.trials["kept"] == 2:
+            break
+    assert scaler.trials == {"kept": 2, "retired": 0} and len(living(h)) == 4
+    assert scaler.trial is None and h.pool.dispatcher.parked is None
+    h.until(lambda: answered(flood.responses), within=120)
+    assert {response.status for response in flood.responses} == {200}
+    assert sum(len(program.served) for program in h.processes.started) == len(flood.responses)
+
+
+def test_a_trial_that_the_load_leaves_is_undecided_and_its_child_serves(harness):
+    """The load went before the child tried could be judged: it serves again (unparked),
+    and idle_timeout retires it like any other."""
+    h = adaptive(harness, max_starting=4, min_workers=2, workers=2)
+    h.processes.host_cpu, h.processes.shared_cpus = 0.95, 2
+    flood = Flood(h, "/?sleep=0.1", 22)
+    scaler = h.pool.autoscaler
+    flood.run(TRIAL_SPAN + 2)
+    assert scaler.trial is not None
+    for _ in range(100):  # into a turn without it
+        flood.run(0.1)
+        if scaler.trial.parked:
+            break
+    assert scaler.trial.parked
+    flood.per_second = 0
+    h.until(lambda: scaler.trial is None, within=2 * TRIAL_QUIET)
+    assert scaler.trials == {"kept": 0, "retired": 0} and h.pool.dispatcher.parked is None
+    assert len(h.pool.dispatcher.idle) == 3, "the child tried is idle and serves again"
+    h.until(lambda: len(living(h)) == 2, within=30)
+    assert h.pool.children.last_scaling["reason"] == "idle_timeout"
+    assert {response.status for response in flood.responses} == {200}
 
 
 def test_unknown_cpu_use_does_not_hold_growth_back(harness):
@@ -622,6 +738,10 @@ def test_status_and_metrics_show_the_range_and_the_decisions(harness):
         "last": None, "started": 0, "retired": 0, "start_seconds": START,  # the first's
         "held_by_cpu": False,
         "cpu_share": None,
+        "rate": None,
+        "trial": None,
+        "trials": {"kept": 0, "retired": 0},
+        "next_trial_in": 0.0,
     }
     responses = burst(h, 40)
     h.until(lambda: answered(responses), within=60)
