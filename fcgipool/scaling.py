@@ -104,6 +104,7 @@ TRIAL_GAIN = 0.0  # what a child tried must add to the requests finished a secon
 TRIAL_HOLD = 60.0  # seconds after a tried child added nothing before the next trial ...
 TRIAL_HOLD_MAX = 960.0  # ... doubling with each in a row, up to this
 TRIAL_QUIET = 10.0  # seconds with nothing waiting that end a trial (the load went): undecided
+TRIAL_READY = 30.0  # seconds the child tried may take to be ready (it fails to start): undecided
 MIN_FREE_CPUS = 0.5  # CPUs left free while work waited: less, and a child more would get
 # less than half a CPU (on 2 CPUs: busier than 0.75; pool.max_cpu decides on 5 or more)
 
@@ -313,6 +314,9 @@ class Autoscaler:
             self._end_trial("undecided")  # the load went, or the child did
             return
         if child is None:
+            if now - trial.at > TRIAL_READY:
+                self._end_trial("undecided")  # it does not start: the rules above go on
+                return
             if children.serving() < trial.size or children.starting():
                 return  # not ready yet
             ready = [c for c in children.active() if c.state in (State.IDLE, State.BUSY)]

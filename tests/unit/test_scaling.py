@@ -8,12 +8,19 @@ import re
 import signal
 
 import pytest
-from fakes import Answer
+from fakes import Answer, Hang
 
 from fcgipool.child import State
 from fcgipool.children import START_SECONDS
 from fcgipool.config import Config
-from fcgipool.scaling import TRIAL_GAIN, TRIAL_HOLD, TRIAL_QUIET, TRIAL_SPAN, Autoscaler
+from fcgipool.scaling import (
+    TRIAL_GAIN,
+    TRIAL_HOLD,
+    TRIAL_QUIET,
+    TRIAL_READY,
+    TRIAL_SPAN,
+    Autoscaler,
+)
 from fcgipool.supervisor import Lifecycle
 
 START = 1.0  # seconds each fake child takes to answer its readiness probe
@@ -473,6 +480,23 @@ def test_a_trial_that_the_load_leaves_is_undecided_and_its_child_serves(harness)
     assert len(h.pool.dispatcher.idle) == 3, "the child tried is idle and serves again"
     h.until(lambda: len(living(h)) == 2, within=30)
     assert h.pool.children.last_scaling["reason"] == "idle_timeout"
+    assert {response.status for response in flood.responses} == {200}
+
+
+def test_a_trial_whose_child_never_gets_ready_ends_and_decisions_go_on(harness):
+    """A child tried that fails to start (its probe never answers) must not hold every
+    other decision while work waits: the trial ends undecided after TRIAL_READY."""
+    h = adaptive(harness, max_starting=4, min_workers=2, workers=2)
+    h.processes.host_cpu = 0.95
+    h.processes.on_spawn = lambda program: setattr(program, "probe", Hang())
+    flood = Flood(h, "/?sleep=0.1", 21)
+    scaler = h.pool.autoscaler
+    flood.run(TRIAL_SPAN + 2)
+    assert scaler.trial is not None and scaler.trial.child is None
+    flood.run(TRIAL_READY)
+    assert scaler.trials == {"kept": 0, "retired": 0}
+    assert scaler.trial is None or scaler.trial.at > 15, "ended, or a new one begun"
+    h.until(lambda: answered(flood.responses), within=120)
     assert {response.status for response in flood.responses} == {200}
 
 
