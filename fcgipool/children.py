@@ -768,17 +768,12 @@ class Children:
     def retire_idle(self, child: Child, reason: str, numbers: dict[str, float]) -> None:
         """One child fewer: ``child``, which must be idle (never one with a request), goes
         now and is not replaced."""
-        if child.state is not State.IDLE or child.retiring or self.workers <= self.minimum:
-            return
-        self.workers -= 1
-        self.scaled["retired"] += 1
-        self.last_scaling = self._decision("retired", reason, numbers)
-        child.retiring = reason
-        self._retire(child)
+        if child.state is State.IDLE:
+            self.shrink(child, reason, numbers)
 
     def shrink(self, child: Child, reason: str, numbers: dict[str, float]) -> None:
-        """One child fewer, ``child`` (the autoscaler tried it, and it added nothing): it
-        goes now if idle, else once its request ends; it is not replaced."""
+        """One child fewer, ``child`` (the autoscaler's decision): it goes now if idle, else
+        once its request ends; it is not replaced."""
         if self.stopping or child.retiring or self.workers <= self.minimum:
             return
         if child.state not in (State.IDLE, State.BUSY):

@@ -141,8 +141,6 @@ class Trial:
         self.rate_before = rate_before  # the pool's rate when it was started
         self.child: Child | None = None  # the youngest once it is ready: the one parked
         self.parked = False
-        self.turn = 0.0  # seconds of waiting in this turn
-        self.last: tuple[float, int, bool] | None = None  # (time, finished, waiting)
         self.seconds = {True: 0.0, False: 0.0}  # of waiting with the child and without
         self.finished = {True: 0, False: 0}  # requests finished meanwhile
 
@@ -322,17 +320,14 @@ class Autoscaler:
             ready = [c for c in children.active() if c.state in (State.IDLE, State.BUSY)]
             trial.child = max(ready, key=lambda c: c.started_at)  # the youngest is parked
             return
-        side = not trial.parked  # True: with the child serving
-        if trial.last is not None:
-            then, before, waited = trial.last
-            if waited and waiting:
-                trial.seconds[side] += now - then
-                trial.finished[side] += children.finished - before
-                trial.turn += now - then
-        trial.last = (now, children.finished, waiting)
-        if trial.turn < TRIAL_ARM:
+        # A switch changes the meter's size (the parked child is not counted), so its
+        # span and count are this turn's; the first tick after a switch is the switch's.
+        turn = self.throughput
+        if turn.span < TRIAL_ARM:
             return
-        trial.turn, trial.last = 0.0, None  # a turn's first tick is the switch's
+        side = not trial.parked  # True: with the child serving
+        trial.seconds[side] += turn.span
+        trial.finished[side] += turn.count
         if trial.parked and min(trial.seconds.values()) >= TRIAL_SPAN:
             self._judge(trial)
         elif trial.parked:

@@ -88,7 +88,7 @@ def scaling(pool: PoolView) -> dict[str, Any]:
         "started": children.scaled["started"],
         "retired": children.scaled["retired"],
         "start_seconds": round(START_SECONDS if learned is None else learned, 3),
-        "held_by_cpu": pool.autoscaler.held_by_cpu,
+        "held_by_cpu": scaler.held_by_cpu,
         "cpu_share": None if share is None else round(share, 3),
         "rate": None if rate is None else round(rate, 2),
         "trial": tried,

@@ -27,7 +27,8 @@ class Throughput:
         self.clock = clock
         self.size: Hashable = None  # what the rate is of (the children serving and starting)
         self.last: tuple[float, int, bool] | None = None  # (time, finished, waiting)
-        self.span = 0.0  # seconds of waiting seen at this size, not decayed
+        self.span = 0.0  # seconds of waiting seen at this size, not decayed ...
+        self.count = 0  # ... and the requests finished in them
         self.seconds = self.finished = 0.0  # decayed sums
 
     def sample(self, finished: int, waiting: bool, size: Hashable) -> None:
@@ -37,6 +38,7 @@ class Throughput:
         if size != self.size:
             self.size, self.last = size, None
             self.span = self.seconds = self.finished = 0.0
+            self.count = 0
         if self.last is not None:
             then, before, waited = self.last
             seconds = now - then
@@ -45,6 +47,7 @@ class Throughput:
                 self.seconds = self.seconds * keep + seconds
                 self.finished = self.finished * keep + (finished - before)
                 self.span += seconds
+                self.count += finished - before
         self.last = (now, finished, waiting)
 
     def rate(self) -> float | None:
